@@ -1,0 +1,5 @@
+import sys
+
+from mpvg.cli import main
+
+sys.exit(main())
