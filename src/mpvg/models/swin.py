@@ -1,0 +1,232 @@
+"""Swin-Ti (Liu et al. 2021) with a learnable absolute PE and every PE method of the paper.
+
+Built on timm's :class:`~timm.models.swin_transformer.SwinTransformer` (same module names, so
+timm's Swin weights load; only ``absolute_pos_embed`` and ``pe.*`` are new):
+
+* Default = Swin-T with the original code's ``ape=True``: a learnable ``(1, H0*W0, C0)`` PE
+  added after the patch embedding (28,288,354 + 3136*96 = 28,589,410 -> 28.589, Table 1).
+* The LN' chain runs block by block over all stages (``pos_0`` at stage 1's grid and width).
+  At a stage boundary the current PE goes through that stage's own PatchMerging (the module
+  that merges the tokens, so no parameter is added): it halves the grid and doubles the
+  width exactly as for the tokens.  Each block that receives PE owns one LN' at its stage's
+  width: 2*(2*96 + 2*192 + 6*384 + 2*768) = 8,832 parameters.
+* PVG/MPVG include layer 0 for Swin (paper: "both PVG and MPVG exceptionally include layer
+  0"); the factory sets ``include_layer0=True`` for these names unless ``pe_overrides`` says
+  otherwise.
+* MPVG's ``LN'_last(pos_k)`` is taken at the last stage: ``pos_k`` is carried through the
+  remaining PatchMergings to the final grid and width, then LN'_last (768: +1,536).
+
+Counts (1000 classes, 224): Default 28,589,410 (28.589); LaPE 28,598,242 (28.598, paper
+28.599: the one documented exception, 758 parameters under the paper's lower bound);
+PVG 28,598,242 (28.598); MPVG 28,599,778 (28.599).  docs/models-ceit-swin.md has the
+arithmetic and the alternatives that were rejected.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from timm.layers import trunc_normal_
+from timm.models import register_model
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+
+from .ceit import _no_pretrained
+from .pe import LayerwisePE, PEConfig, pe_config
+
+__all__ = ["PESwinBlock", "StagewisePE", "SwinTransformerPE", "mpvg_swin_tiny_patch4_window7_224"]
+
+
+class PESwinBlock(SwinTransformerBlock):
+    """timm's Swin block whose (shifted-)window attention input is ``norm1(x) + pos`` when a PE
+    term ``pos`` of shape ``(1, H, W, C)`` is given (added at absolute positions, before the
+    cyclic shift), and exactly timm's block when it is not."""
+
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, H, W, C = x.shape
+        h = self.norm1(x)
+        if pos is not None:
+            h = h + pos
+        x = x + self.drop_path1(self._attn(h))
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
+
+
+class StagewisePE(nn.Module):
+    """The LN' chain of a staged model: one :class:`LayerwisePE` per stage (LN' at the stage's
+    width), the chain carried across stage boundaries by the given ``merges``, and LN'_last at
+    the last width.
+
+    Same output as :class:`LayerwisePE`: ``(per_layer_terms, last_term)`` with the per-layer
+    terms listed over all blocks in order (``None`` where a block receives none).  ``pos_k`` for
+    the Last LN is the k-th element of the whole chain ``[pos_0, LN'_a(pos_0), ...]``.
+    ``include_layer0`` refers to the network's first block only.
+    """
+
+    def __init__(self, cfg: PEConfig, depths: Sequence[int], dims: Sequence[int], norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.cfg = cfg
+        self.stages = nn.ModuleList(
+            LayerwisePE(cfg.replace(last_ln_pe=None, include_layer0=cfg.include_layer0 or s > 0), d, dim, norm_layer)
+            for s, (d, dim) in enumerate(zip(depths, dims)))
+        self.receives = [r for st in self.stages for r in st.receives]
+        self.last_norm = norm_layer(dims[-1]) if cfg.last_ln_pe is not None else None
+        if cfg.last_ln_pe is not None and cfg.last_ln_pe > sum(self.receives):
+            raise ValueError(f"last_ln_pe={cfg.last_ln_pe} but the PE chain has only {sum(self.receives) + 1} "
+                             f"entries (pos_0 and {sum(self.receives)} LN')")
+
+    def forward(self, pos0: torch.Tensor, merges: Sequence[Callable[[torch.Tensor], torch.Tensor]]):
+        """``pos0``: ``(1, H, W, C)`` at stage 1; ``merges[s]`` maps stage ``s-1``'s PE to stage
+        ``s`` (``merges[0]`` is unused)."""
+        if not any(self.receives) and self.last_norm is None:
+            return [None] * len(self.receives), None
+        terms: List[Optional[torch.Tensor]] = []
+        chain = [(pos0, 0)]  # (entry, stage it lives at)
+        cur = pos0           # what the next stage's chain starts from
+        for s, (stage_pe, merge) in enumerate(zip(self.stages, merges)):
+            if s > 0:
+                cur = merge(cur)
+            stage_terms, _ = stage_pe(cur)
+            applied = [t for t in stage_terms if t is not None]
+            chain += [(t, s) for t in applied]
+            terms += stage_terms
+            if self.cfg.hierarchical and applied:
+                cur = applied[-1]
+        last = None
+        if self.last_norm is not None:
+            p, s = chain[self.cfg.last_ln_pe]
+            for merge in merges[s + 1:]:
+                p = merge(p)
+            last = self.last_norm(p)
+        return terms, last
+
+
+class SwinTransformerPE(SwinTransformer):
+    """timm's Swin Transformer plus a learnable absolute PE and the paper's PE methods.
+
+    Args:
+        pe_method: ``"default" | "lape" | "pvg" | "mpvg"`` or a :class:`PEConfig`; Swin pools
+            by GAP, a config with ``pool="token"`` is rejected.
+        pe_overrides: :class:`PEConfig` fields overriding the method's.
+        Other arguments: timm's :class:`SwinTransformer` (``embed_dim``, ``depths``,
+        ``num_heads``, ``window_size``, ``img_size``, ``patch_size``, ...).
+    """
+
+    def __init__(self, pe_method: str | PEConfig = "default", pe_overrides: Optional[dict] = None, **kwargs):
+        overrides = dict(pe_overrides or {})
+        if isinstance(pe_method, str) and pe_method.lower() in ("pvg", "mpvg"):
+            overrides.setdefault("include_layer0", True)  # paper: Swin's exception
+        cfg = pe_config(pe_method, default_pool="avg", **overrides)
+        if cfg.pool != "avg":
+            raise ValueError(f"Swin has no class token: PE method {pe_method!r} with pool={cfg.pool!r}; "
+                             f"expected pool='avg'")
+        if kwargs.get("global_pool", "avg") != "avg":
+            raise ValueError(f"global_pool={kwargs['global_pool']!r}: the PE methods assume GAP; expected 'avg'")
+        super().__init__(**kwargs)
+        self.pe_cfg = cfg
+        for stage in self.layers:
+            for blk in stage.blocks:
+                # PESwinBlock only adds forward(x, pos): no state, so re-classing timm's block
+                # (built by timm's stage) keeps every weight and buffer as they are.
+                blk.__class__ = PESwinBlock
+        depths = [len(stage.blocks) for stage in self.layers]
+        dims = [info["num_chs"] for info in self.feature_info]
+        grid = self.patch_embed.grid_size
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dims[0]))
+        trunc_normal_(self.absolute_pos_embed, std=.02)
+        self.pe = StagewisePE(cfg, depths, dims, nn.LayerNorm)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"absolute_pos_embed"}
+
+    def set_input_size(self, *args, **kwargs):
+        raise NotImplementedError("SwinTransformerPE keeps a fixed grid for its absolute PE; build a new model "
+                                  "with img_size=... and load with mpvg.models.checkpoint.load_checkpoint_into")
+
+    def _pos0(self) -> torch.Tensor:
+        h, w = self.patch_embed.grid_size
+        return self.absolute_pos_embed.reshape(1, h, w, -1)
+
+    def _pe_terms(self):
+        return self.pe(self._pos0(), [stage.downsample for stage in self.layers])
+
+    def _run(self, x: torch.Tensor, record: Optional[dict] = None, stage_out: Optional[list] = None):
+        x = self.patch_embed(x)
+        terms, last = self._pe_terms()  # once per forward, on (1, H, W, C) tensors
+        if self.pe_cfg.add_at_input:
+            x = x + self._pos0()
+        i = 0
+        for s, stage in enumerate(self.layers):
+            x = stage.downsample(x)
+            for blk in stage.blocks:
+                pos = terms[i]
+                if record is not None:
+                    record["layer_inputs"].append(x.flatten(1, 2))
+                    record["layer_tokens"].append(blk.norm1(x).flatten(1, 2))
+                    record["layer_pos"].append(None if pos is None else pos.flatten(1, 2))
+                    record["layer_stage"].append(s)
+                if stage.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, pos, use_reentrant=False)
+                else:
+                    x = blk(x, pos)
+                i += 1
+            if stage_out is not None:
+                stage_out.append(x)
+        y = self.norm(x)
+        if record is not None:
+            record.update(pre_last_ln=x.flatten(1, 2), post_last_ln=y.flatten(1, 2),
+                          last_ln_pe=None if last is None else last.flatten(1, 2))
+        return y if last is None else y + last
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """NHWC features after the Last LN (plus ``LN'_last(pos_k)`` for MPVG)."""
+        return self._run(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's ``forward_intermediates`` (per-stage NCHW maps) through the PE path; every stage
+        runs (``stop_early`` is accepted for timm's signature and has no effect)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW'")
+        n = len(self.layers)
+        take = range(n - indices, n) if isinstance(indices, int) else (range(n) if indices is None else indices)
+        stages: list = []
+        final = self._run(x, stage_out=stages)
+        inter = [(self.norm(stages[i]) if norm and i == n - 1 else stages[i]).permute(0, 3, 1, 2) for i in take]
+        return inter if intermediates_only else (final, inter)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """GAP of ``(B, N, C)`` tokens (what the head does to the NHWC features)."""
+        return x.mean(dim=1)
+
+    def last_ln_pe_term(self) -> Optional[torch.Tensor]:
+        """``LN'_last(pos_k)`` at the last stage, ``(1, N, C)``, or ``None``; its ``pool`` is what
+        a head bias absorbs when folding (the head's linear layer is ``head.fc``)."""
+        last = self._pe_terms()[1]
+        return None if last is None else last.flatten(1, 2)
+
+    @torch.no_grad()
+    def forward_analysis(self, x: torch.Tensor) -> dict:
+        """What applies of docs/contracts.md's analysis dict, tokens flattened to ``(B, H*W, C)``.
+
+        Per-block lists (``layer_inputs``, ``layer_tokens``, ``layer_pos``) change width and grid
+        at stage boundaries; ``layer_stage`` gives each block's stage.  ``pre_last_ln``,
+        ``post_last_ln`` (without the PE term) and ``last_ln_pe`` are at the last stage.
+        """
+        record = {"layer_inputs": [], "layer_tokens": [], "layer_pos": [], "layer_stage": []}
+        self._run(x, record)
+        record["num_prefix_tokens"] = 0
+        return record
+
+
+@register_model
+def mpvg_swin_tiny_patch4_window7_224(pretrained: bool = False, pe_method: str | PEConfig = "default",
+                                      pe_overrides: Optional[dict] = None, **kwargs) -> SwinTransformerPE:
+    """Swin-T: patch 4, embed 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24), window 7, GAP."""
+    _no_pretrained("mpvg_swin_tiny_patch4_window7_224", pretrained, kwargs)
+    args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+    return SwinTransformerPE(pe_method=pe_method, pe_overrides=pe_overrides, **{**args, **kwargs})
