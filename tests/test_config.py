@@ -1,0 +1,243 @@
+"""params.yaml: schema errors name the key, overrides, scale resolution, the grid of cells."""
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mpvg import config
+from mpvg.config import ConfigError, expand_cells, load_params, resolve_run
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+METHODS = ["default", "lape", "pvg", "mpvg"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_params(PARAMS)
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_params(PARAMS, ["scale=paper"])
+
+
+def _error(overrides) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_params(PARAMS, overrides)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- schema errors
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["recipes.deit.lr=abc"], "recipes.deit.lr: expected a number, got 'abc'"),
+    (["recipes.deit.lrr=1"], "recipes.deit: unknown key(s) ['lrr']"),
+    (["foo=1"], "<top>: unknown key(s) ['foo']"),
+    (["scale=huge"], "scale: expected one of 'tiny', 'paper', got 'huge'"),
+    (["seeds=[a]"], "seeds.0: expected an integer"),
+    (["datasets.imagenet.root=3"], "datasets.imagenet.root: expected a string, got 3"),
+    (["grid.0.models=[DeiT-X]"], "grid.0.models: unknown model 'DeiT-X'; expected one of ['CeiT-Ti'"),
+    (["grid.0.methods=[Foo]"], "grid.0.methods: unknown method 'Foo'; expected one of ['Default', 'LaPE', 'PVG', 'MPVG']"),
+    (["grid.5.variants.x.poool=avg"], "grid.5.variants.x: unknown key(s) ['poool']"),
+    (["tiny.recipes.deit.epochs=0"], "tiny.recipes.deit.epochs"),
+    (["tiny.recipes.nope.epochs=1"], "tiny.recipes.nope: unknown recipe"),
+    (["recipes.coco_maskrcnn.lr=x"], "recipes.coco_maskrcnn.lr: expected a number, got 'x'"),
+    (["recipes.deit.randaugment=autoaug"], "recipes.deit.randaugment"),
+    (["grid.2.init_from=xx"], "grid.2.init_from: expected one of"),
+    ({"grid.0.init_from": "in1k"}, "grid.0: stage 'train' trains from scratch"),
+    (["models.DeiT-Ti.recipe=nope"], "models.DeiT-Ti.recipe: unknown recipe 'nope'"),
+])
+def test_schema_errors_name_the_key(overrides, expected):
+    assert expected in _error(overrides)
+
+
+def test_error_names_the_file(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text(PARAMS.read_text().replace("weight_decay: 0.03", "weight_decay: lots"))
+    with pytest.raises(ConfigError, match=r"p\.yaml: recipes\.t2t\.weight_decay: expected a number"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_last_ln_pe_deeper_than_model_is_rejected():
+    msg = _error(["grid.5.variants.lastpe11.last_ln_pe=12"])
+    assert "in1k-deit_ti-mpvg-lastpe11" in msg and "12 blocks of DeiT-Ti" in msg
+    # a tiny arch too shallow for Table 5 is caught at load time, not at training time
+    assert "last_ln_pe=11" in _error(["tiny.models.DeiT-Ti.depth=4"])
+
+
+def test_downstream_recipes_are_free_form_but_typed():
+    p = load_params(PARAMS, ["recipes.coco_maskrcnn.my_new_knob=3"])
+    assert p["recipes"]["coco_maskrcnn"]["my_new_knob"] == 3
+    assert "recipes.ade20k_upernet.iters" in _error(["recipes.ade20k_upernet.iters=-1"])
+
+
+def test_override_forms(tmp_path):
+    p = load_params(PARAMS, {"scale": "paper", "seeds": [0, 1], "recipes.deit.epochs": 5})
+    assert p["scale"] == "paper" and p["seeds"] == [0, 1] and p["recipes"]["deit"]["epochs"] == 5
+    p = load_params(PARAMS, ["scale=paper", "seeds=[0,1,2]", "tracking.uri=http://x:5000",
+                             "grid.0.models=[DeiT-Ti, T2T-ViT-7]"])
+    assert p["seeds"] == [0, 1, 2] and p["tracking"]["uri"] == "http://x:5000"
+    assert not any(c.startswith("in1k-deit_s") for c in expand_cells(p))
+    assert "expected KEY=VALUE" in _error(["scale"])
+    assert "not an index" in _error(["grid.99.models=[DeiT-Ti]"])
+
+
+def test_cli_arguments():
+    parser = argparse.ArgumentParser()
+    config.add_params_arguments(parser)
+    args = parser.parse_args(["--params", str(PARAMS), "--set", "scale=paper", "--set", "seeds=[3]"])
+    p = config.params_from_args(args)
+    assert p["scale"] == "paper" and p["seeds"] == [3]
+    assert parser.parse_args([]).params == "params.yaml"
+
+
+# --------------------------------------------------------------------------- scales
+
+def test_tiny_scale_merges_overrides(tiny, paper):
+    assert "tiny" not in tiny and "tiny" not in paper
+    assert tiny["datasets"]["imagenet"] == {"root": "data/tiny/imagenet", "num_classes": 10}
+    assert paper["datasets"]["imagenet"] == {"root": "data/imagenet", "num_classes": 1000}
+    assert tiny["recipes"]["deit"]["img_size"] == 32 and paper["recipes"]["deit"]["img_size"] == 224
+    # untouched keys survive the merge
+    assert tiny["recipes"]["deit"]["optimizer"] == "adamw" and tiny["recipes"]["deit"]["sched"] == "cosine"
+    assert tiny["models"]["DeiT-Ti"]["arch"]["embed_dim"] == 48
+    assert paper["models"]["DeiT-Ti"]["arch"] == {}
+
+
+def test_paper_recipes_match_table7(paper):
+    """Effective lr/wd/batch/epochs/warmup equal paper Table 7 after the lr rule."""
+    table7 = {  # recipe: (lr, wd, batch, trained epochs, warmup)
+        "deit": (1e-3, 0.05, 1024, 300, 5),       # 5e-4 per 512 (DeiT's rule), x 1024/512
+        "swin": (1e-3, 0.05, 1024, 300, 20),
+        "ceit": (1e-3, 0.05, 1024, 300, 5),
+        "t2t": (1e-3, 0.03, 512, 310, 10),
+        "vit_lite_c100": (6e-4, 0.06, 128, 310, 10),
+        "t2t_c100": (5e-2, 5e-4, 128, 60, 0),
+    }
+    for name, (lr, wd, batch, epochs, warmup) in table7.items():
+        r = config.scaled_recipe(paper["recipes"][name])
+        assert r["lr"] == pytest.approx(lr), name
+        assert (r["weight_decay"], r["batch_size"], r["total_epochs"], r["warmup_epochs"]) == (wd, batch, epochs, warmup), name
+    assert paper["recipes"]["t2t_c100"]["optimizer"] == "sgd"
+    coco, ade = paper["recipes"]["coco_maskrcnn"], paper["recipes"]["ade20k_upernet"]
+    assert (coco["lr"], coco["weight_decay"], coco["batch_size"], coco["epochs"], coco["lr_steps"]) == (1e-4, 0.05, 8, 36, [27, 33])
+    assert coco["crop_size"] == 1024 and coco["train_short_sides"][0] == 480 and coco["train_short_sides"][-1] == 800
+    assert (ade["lr"], ade["weight_decay"], ade["batch_size"], ade["iters"], ade["crop_size"]) == (12e-5, 0.01, 8, 160000, 512)
+
+
+def test_swin_scales_min_and_warmup_lr():
+    r = config.scaled_recipe({"lr": 5e-4, "batch_size": 2048, "lr_base_batch": 512, "lr_scaling": "linear",
+                              "scale_min_warmup_lr": True, "min_lr": 1e-6, "warmup_lr": 1e-7,
+                              "epochs": 3, "cooldown_epochs": 1})
+    assert r["lr"] == pytest.approx(2e-3) and r["base_lr"] == 5e-4
+    assert r["min_lr"] == pytest.approx(4e-6) and r["warmup_lr"] == pytest.approx(4e-7)
+    assert r["total_epochs"] == 4
+
+
+# --------------------------------------------------------------------------- cells
+
+def test_cell_counts_and_sharing(tiny):
+    cells = expand_cells(tiny)
+    by_table = {t: [c for c in cells.values() if t in c.tables] for t in config.TABLES}
+    assert len(by_table["T1"]) == 24
+    assert {c.model for c in by_table["T1"]} == {"DeiT-Ti", "DeiT-S", "DeiT-B", "Swin-Ti", "CeiT-Ti", "T2T-ViT-7"}
+    assert len(by_table["T2"]) == 8 and len(by_table["T3"]) == 4 and len(by_table["T4"]) == 4
+    assert len(by_table["T5"]) == 4 and len(by_table["T6"]) == 4
+    assert len(by_table["F5"]) == 2 and len(by_table["F1"]) == 4
+    # shared cells are trained once and list every table that uses them
+    assert cells["in1k-deit_ti-mpvg"].tables == ["T1", "T5", "T6"]
+    assert cells["in1k-deit_ti-default"].tables == ["T1", "F1"]
+    assert cells["in1k-deit_ti-pvg"].tables == ["T1", "F1"]
+    assert cells["in1k-deit_ti-default-gap"].tables == ["F5", "F1"]
+    # 24 + 8 + 8 downstream + 3 (T5) + 3 (T6) + 2 (F5) + 1 (F1 class token + layer-wise)
+    assert len(cells) == 49
+    assert all(c.id == config.cell_id(c.task, c.model, c.method) or c.pe_overrides for c in cells.values())
+
+
+def test_ablation_cells(tiny):
+    cells = expand_cells(tiny)
+    assert {cells[f"in1k-deit_ti-mpvg-lastpe{k}"].pe_overrides["last_ln_pe"] for k in (11, 8, 5)} == {11, 8, 5}
+    assert cells["in1k-deit_ti-mpvg-layer0"].pe_overrides == {"include_layer0": True}
+    assert cells["in1k-deit_ti-mpvg-nonhier"].pe_overrides == {"hierarchical": False}
+    assert cells["in1k-deit_ti-mpvg-noinput"].pe_overrides == {"add_at_input": False}
+    assert cells["in1k-deit_ti-default-gap"].pe_overrides == {"pool": "avg"}
+    assert cells["in1k-deit_ti-default-gap-lastpe0"].pe_overrides == {"pool": "avg", "last_ln_pe": 0}
+    assert cells["in1k-deit_ti-pvg-token"].pe_overrides == {"pool": "token"}
+    # Swin: PVG/MPVG include layer 0 (paper, Experiments)
+    assert cells["in1k-swin_ti-mpvg"].pe_overrides == {"include_layer0": True}
+    assert cells["in1k-swin_ti-lape"].pe_overrides == {}
+
+
+def test_finetune_and_downstream_edges(tiny):
+    cells = expand_cells(tiny)
+    for m in METHODS:
+        ft = cells[f"c100-t2t_vit_7-{m}"]
+        assert (ft.stage, ft.recipe, ft.init_from) == ("finetune", "t2t_c100", f"in1k-t2t_vit_7-{m}")
+        vl = cells[f"c100-vit_lite-{m}"]
+        assert (vl.stage, vl.init_from, vl.dataset) == ("train", None, "cifar100")
+        for task, stage in (("coco", "detect"), ("ade20k", "segment")):
+            c = cells[f"{task}-deit_ti-{m}"]
+            assert (c.stage, c.dataset, c.init_from) == (stage, task, f"in1k-deit_ti-{m}")
+    assert "which no grid group trains" in _error(["grid.0.models=[DeiT-S]"])
+
+
+def test_conflicting_duplicate_cell_is_an_error():
+    msg = _error({"grid.6.variants": {"": {"hierarchical": False}}})
+    assert "in1k-deit_ti-mpvg is defined twice" in msg
+
+
+def test_resolve_run(tiny, paper):
+    r = resolve_run(tiny, "in1k-deit_ti-mpvg-lastpe5")
+    assert r.model_name == "mpvg_deit_tiny_patch16_224"
+    assert r.model_kwargs == {"pe_method": "mpvg", "pe_overrides": {"last_ln_pe": 5}, "num_classes": 10,
+                              "img_size": 32, "drop_path_rate": 0.0, "embed_dim": 48, "depth": 12,
+                              "num_heads": 3, "patch_size": 8}
+    assert r.dataset_root == Path("data/tiny/imagenet") and r.kind == "classification"
+    assert r.run_dir(1) == Path("runs/train/in1k-deit_ti-mpvg-lastpe5/seed1")
+    assert r.init_checkpoint(0) is None
+    r = resolve_run(paper, "c100-t2t_vit_7-lape")
+    assert r.model_kwargs["num_classes"] == 100 and r.model_kwargs["img_size"] == 224
+    assert r.init_checkpoint(2) == Path("runs/train/in1k-t2t_vit_7-lape/seed2/checkpoint.pt")
+    r = resolve_run(paper, "coco-deit_ti-mpvg")
+    assert r.kind == "detection" and "num_classes" not in r.model_kwargs and r.recipe["lr"] == 1e-4
+    with pytest.raises(ConfigError, match="unknown cell 'in1k-deit_ti-foo'"):
+        resolve_run(tiny, "in1k-deit_ti-foo")
+
+
+def test_shipped_params_roundtrip(tmp_path):
+    """A params file written back from the parsed YAML loads the same."""
+    copy = tmp_path / "params.yaml"
+    copy.write_text(yaml.safe_dump(yaml.safe_load(PARAMS.read_text())))
+    assert load_params(copy) == load_params(PARAMS)
+
+
+def test_import_is_light():
+    code = "import sys, mpvg.config as c; c.load_params(%r); print('torch' in sys.modules, 'timm' in sys.modules)" % str(PARAMS)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_explicit_override_wins_over_the_tiny_block(tiny):
+    p = load_params(PARAMS, ["recipes.deit.epochs=2", "datasets.imagenet.root=/elsewhere",
+                             "models.DeiT-S.arch.depth=2"])
+    assert p["recipes"]["deit"]["epochs"] == 2 and tiny["recipes"]["deit"]["epochs"] != 2
+    assert p["datasets"]["imagenet"] == {"root": "/elsewhere", "num_classes": 10}
+    assert p["models"]["DeiT-S"]["arch"]["depth"] == 2 and p["models"]["DeiT-S"]["arch"]["embed_dim"] == 64
+    # tiny.* overrides act through the merge; a late override is validated too
+    assert load_params(PARAMS, ["tiny.recipes.deit.epochs=1"])["recipes"]["deit"]["epochs"] == 1
+    assert "recipes.deit.epochs" in _error(["recipes.deit.epochs=zero"])
+
+
+def test_pe_override_keys_mirror_peconfig():
+    """config.py mirrors PEConfig's fields (to stay torch-free); they must not drift apart."""
+    from dataclasses import fields
+
+    from mpvg.models.pe import PEConfig
+
+    assert set(config.PE_OVERRIDE_TYPES) == {f.name for f in fields(PEConfig)}
