@@ -1,0 +1,55 @@
+"""Fold the Last-LN PE of MPVG into the head bias for inference.
+
+With GAP, ``logits = W mean_t(LN(x_{L+1}) + LN'_last(pos_k)) + b
+= W mean_t(LN(x_{L+1})) + (b + W mean_t(LN'_last(pos_k)))``: the PE term is a constant of the
+trained model, so an inference copy can drop ``LN'_last`` and add ``W @ mean_t(LN'_last(pos_k))``
+to the head bias (with a class token the pooled row is the class token's).  The constant
+depends on the token grid, so the folded copy refuses other input resolutions.
+
+A model supports folding when it has ``pe`` (:class:`~mpvg.models.pe.LayerwisePE`), a linear
+``head``, ``pool(x)`` (the pooling of ``forward_head`` on ``(B, N, D)`` tokens) and
+``last_ln_pe_term()`` (the ``(1, N, D)`` Last-LN PE at the build resolution), as
+:class:`~mpvg.models.vit.MPVGVisionTransformer` does.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def can_fold(model: nn.Module) -> bool:
+    pe = getattr(model, "pe", None)
+    return (getattr(pe, "last_norm", None) is not None and isinstance(getattr(model, "head", None), nn.Linear)
+            and hasattr(model, "pool") and hasattr(model, "last_ln_pe_term"))
+
+
+@torch.no_grad()
+def fold_last_ln_pe(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` without ``LN'_last`` whose head bias absorbs its term.
+
+    ``model`` itself is not changed.  The copy's logits equal the original's (up to float
+    rounding) at the build resolution; ``forward_features`` / ``forward_head(pre_logits=True)``
+    of the copy no longer include the PE term.  ``copy.pe_cfg`` still describes the trained
+    method; ``copy.last_ln_pe_folded`` is ``True``.
+    """
+    if getattr(getattr(model, "pe", None), "last_norm", None) is None:
+        raise ValueError("the model has no Last-LN PE (pe_cfg.last_ln_pe is None): nothing to fold")
+    if not can_fold(model):
+        raise TypeError(f"{type(model).__name__} does not support folding (needs a linear head, "
+                        "pool() and last_ln_pe_term())")
+    folded = copy.deepcopy(model).eval()
+    term = folded.last_ln_pe_term()  # (1, N[+1], D)
+    pooled = folded.pool(term)[0].to(folded.head.weight.dtype)  # (D,)
+    head = folded.head
+    shift = head.weight @ pooled
+    if head.bias is None:
+        head.bias = nn.Parameter(shift.clone())
+    else:
+        head.bias.add_(shift)
+    folded.pe.last_norm = None
+    if hasattr(folded, "_fold_grid"):
+        folded._fold_grid = tuple(folded.grid_size)
+    folded.last_ln_pe_folded = True
+    return folded
