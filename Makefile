@@ -1,0 +1,59 @@
+# mpvg: the two commands of the README, and helpers.
+#   make demo       set up .venv if needed, run the whole DAG at the tiny scale on CPU
+#   make test       set up .venv if needed, run the tests (starts a one-node SLURM for the slurm ones)
+#   make test-slow  the slow tests too (the whole tiny DAG, DVC repro from a clean copy, ...)
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PYTHON ?= python3
+CORES ?= 2
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.mpvg-installed
+export PATH := $(BIN):$(PATH)
+
+.PHONY: help env demo test test-slow slurm-up slurm-down dvc-yaml cost clean-demo
+
+help:
+	@sed -n 2,4p Makefile
+
+# The environment: created once from the lock, then only when the lock or pyproject changes.
+env: $(STAMP)
+
+$(STAMP): envs/requirements.lock pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -r envs/requirements.lock
+	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+# The main job: every result of the paper at the tiny scale (params.yaml default), on CPU.
+demo: env
+	@start=$$(date +%s); \
+	snakemake --cores $(CORES); \
+	echo "demo: DAG done in $$(( $$(date +%s) - start )) s; tables in reports/ (reports/README.md)"; \
+	echo "demo: MLflow runs: mlflow ui --backend-store-uri sqlite:///mlruns.db"
+
+test: env
+	pytest
+
+test-slow: env
+	pytest -m slow
+
+# A one-node SLURM cluster on this machine (root, Debian): for trying `--profile slurm`.
+slurm-up:
+	scripts/slurm-cluster.sh up
+
+slurm-down:
+	scripts/slurm-cluster.sh down
+
+# dvc.yaml is generated from params.yaml: run after changing the grid, seeds or scale.
+dvc-yaml: env
+	mpvg workflow dvc-yaml
+
+cost: env
+	mpvg workflow cost --set scale=paper
+
+# Remove what the demo made (runs, tiny data, MLflow store); reports/ is tracked by git.
+clean-demo:
+	rm -rf runs data/tiny mlruns mlruns.db mlruns.db.lock .snakemake

@@ -1,0 +1,117 @@
+"""`mpvg cells` and `mpvg workflow ...`: the job plan that Snakemake and DVC run, as text."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    from mpvg.config import add_params_arguments
+
+    cells = subparsers.add_parser("cells", help="list the cells of the grid (id, stage, tables, start point, resources)")
+    add_params_arguments(cells)
+    cells.set_defaults(func=cmd_cells)
+
+    wf = subparsers.add_parser("workflow", help="the job plan behind the Snakefile and dvc.yaml")
+    sub = wf.add_subparsers(dest="workflow_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml from params.yaml (the same jobs as the Snakefile)")
+    add_params_arguments(p)
+    p.add_argument("--out", default="dvc.yaml", help="where to write (default: dvc.yaml)")
+    p.add_argument("--check", action="store_true", help="only compare: exit 1 when --out differs")
+    p.set_defaults(func=cmd_dvc_yaml)
+
+    p = sub.add_parser("cost", help="GPU-hours per cell at the paper scale (the README's cost table)")
+    add_params_arguments(p)
+    p.add_argument("--by-model", action="store_true", help="one row per task and model (the README's table)")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("check", help="what would stop a real run: missing datasets (exit 1 if any)")
+    add_params_arguments(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plan", help="every job: stage name, resources and command")
+    add_params_arguments(p)
+    p.set_defaults(func=cmd_plan)
+
+
+def _params(args):
+    from mpvg.config import ConfigError, params_from_args
+
+    try:
+        return params_from_args(args)
+    except ConfigError as err:
+        print(f"mpvg: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _plan(args):
+    from mpvg.workflow.plan import build_plan
+
+    return build_plan(_params(args), args.params, args.overrides)
+
+
+def cmd_cells(args: argparse.Namespace) -> int:
+    from mpvg.config import expand_cells
+    from mpvg.workflow.plan import cell_resources
+
+    params = _params(args)
+    rows = [("cell", "stage", "tables", "init_from", "gpu", "runtime_min")]
+    for cell in expand_cells(params).values():
+        res = cell_resources(params, cell)
+        rows.append((cell.id, cell.stage, ",".join(cell.tables), cell.init_from or "-", str(res["gpu"]),
+                     str(res["runtime"])))
+    _print_table(rows)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    for job in _plan(args):
+        res = job.resources
+        print(f"{job.stage_name}\tgpu={res['gpu']} threads={res['threads']} mem_mb={res['mem_mb']} "
+              f"runtime={res['runtime']}\t{job.shell()}")
+    return 0
+
+
+def cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mpvg.workflow.dvcyaml import render
+
+    text = render(_plan(args))
+    out = Path(args.out)
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            print(f"{out} is stale: it does not match {args.params}; run `mpvg workflow dvc-yaml`",
+                  file=sys.stderr)
+            return 1
+        print(f"{out} is up to date")
+        return 0
+    out.write_text(text)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from mpvg.workflow.cost import cost_table
+
+    args.overrides = [*args.overrides, "scale=paper"]
+    print(cost_table(_params(args), by_model=args.by_model))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from mpvg.workflow.preflight import problems
+
+    found = problems(_params(args))
+    for line in found:
+        print(f"missing: {line}", file=sys.stderr)
+    if not found:
+        print("all inputs present")
+    return 1 if found else 0
+
+
+def _print_table(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())

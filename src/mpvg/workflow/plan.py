@@ -1,0 +1,280 @@
+"""The job graph of the paper, computed from params.yaml: one description for Snakemake and DVC.
+
+``build_plan(params)`` lists every job (tiny data, one training/fine-tuning/detection/
+segmentation job per cell and seed, analysis, report) with its command, inputs, outputs,
+tracked params and resources. The Snakefile (``workflow/rules/*.smk``) calls the functions
+here from its input/params/resources functions, and ``mpvg workflow dvc-yaml`` writes
+``dvc.yaml`` from the same jobs, so the two DAG descriptions cannot drift apart
+(``tests/test_workflow.py`` checks them against each other).
+
+Plain Python: never imports snakemake, dvc or torch (Snakemake imports this while it plans).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from mpvg.config import Cell, expand_cells, resolve_run, run_dir
+
+# Jobs that train a cell, by Cell.stage; the rule name and the `mpvg` sub-command.
+CELL_STAGES = ("train", "finetune", "detect", "segment")
+SUBCOMMAND = {"train": ["train"], "finetune": ["train"], "detect": ["detect", "train"],
+              "segment": ["segment", "train"]}
+INIT_FLAG = {"finetune": "--init-from", "detect": "--pretrained", "segment": "--pretrained"}
+RESULT = "result.json"
+CHECKPOINT = "checkpoint.pt"
+# The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).
+REPORT_FILES = ("tables.md", "README.md")
+
+# --------------------------------------------------------------------------- sizing
+# Paper-scale sizing: GPUs per job and the training throughput they are planned with.
+# Throughput: training images per second per GPU (A100, AMP where the recipe uses it). These are
+# estimates, anchored on the DeiT paper (DeiT-B, 300 epochs: 53 h on one node of 8 V100s, i.e.
+# ~250 img/s per V100, about twice that on an A100) and scaled by the models' FLOPs with a
+# discount for small models; they size `runtime` and the cost table only, never a result.
+# Adjust them here if your GPUs differ.
+GPUS = {"in1k": 4, "c100": 1, "coco": 4, "ade20k": 4}
+GPUS_BY_MODEL = {("in1k", "DeiT-B"): 8}
+IMAGES_PER_S_PER_GPU = {
+    "DeiT-Ti": 2500, "DeiT-S": 1200, "DeiT-B": 450, "Swin-Ti": 650, "CeiT-Ti": 1500,
+    "T2T-ViT-7": 1800, "ViT-Lite": 6000,
+    # downstream (ViT-Adapter-Ti): Mask R-CNN at ~1024 px, UperNet at 512 px crops
+    "coco": 7, "ade20k": 14,
+}
+# Training-set sizes (images) of the real datasets.
+TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar100": 50_000, "coco": 118_287, "ade20k": 20_210}
+CPUS_PER_GPU = 8
+MEM_MB_PER_GPU = 48_000
+RUNTIME_SAFETY = 1.3        # evaluation, data loading stalls, restarts
+MIN_RUNTIME_MIN = 30
+# Longer jobs are cut into pieces: the time limit stops them, the run resumes from
+# checkpoint.pt when Snakemake resubmits it (`retries` in the slurm profile).
+MAX_RUNTIME_MIN = 48 * 60
+TINY = {"gpu": 0, "threads": 1, "cpus_per_task": 1, "mem_mb": 3000, "runtime": 30}
+
+
+def epochs_images(params: Mapping, cell: Cell) -> int:
+    """Images a job pushes through the network: epochs x training set (iterations x batch)."""
+    recipe = params["recipes"][cell.recipe]
+    if "iters" in recipe:
+        return int(recipe["iters"]) * int(recipe["batch_size"])
+    epochs = int(recipe["epochs"]) + int(recipe.get("cooldown_epochs", 0))
+    return epochs * TRAIN_IMAGES[cell.dataset]
+
+
+def gpus_for(cell: Cell) -> int:
+    return GPUS_BY_MODEL.get((cell.task, cell.model), GPUS[cell.task])
+
+
+def throughput(cell: Cell) -> float:
+    return IMAGES_PER_S_PER_GPU[cell.task if cell.stage in ("detect", "segment") else cell.model]
+
+
+def paper_gpu_hours(params: Mapping, cell: Cell) -> float:
+    """Estimated GPU-hours of one seed of ``cell`` at the paper scale (no safety margin)."""
+    return epochs_images(params, cell) / throughput(cell) / 3600.0
+
+
+def cell_resources(params: Mapping, cell: Cell) -> dict:
+    """Snakemake resources of one job: ``gpu``, ``threads`` (= ``cpus_per_task``, which the SLURM
+    plugin reads), ``mem_mb``, ``runtime`` (minutes).
+
+    Tiny scale: CPU only, small. Paper scale: :data:`GPUS` GPUs, runtime from
+    :func:`paper_gpu_hours` divided over the GPUs with :data:`RUNTIME_SAFETY`.
+    """
+    if params["scale"] != "paper":
+        return dict(TINY)
+    gpus = gpus_for(cell)
+    hours = paper_gpu_hours(params, cell) / gpus * RUNTIME_SAFETY
+    return {"gpu": gpus, "threads": gpus * CPUS_PER_GPU, "cpus_per_task": gpus * CPUS_PER_GPU, "mem_mb": gpus * MEM_MB_PER_GPU,
+            "runtime": min(MAX_RUNTIME_MIN, max(MIN_RUNTIME_MIN, int(math.ceil(hours * 6)) * 10))}
+
+
+def launcher(gpus: int) -> list[str]:
+    """``mpvg`` for one process; ``torchrun`` with one process per GPU when ``gpus > 1``."""
+    if int(gpus) > 1:
+        return ["torchrun", "--standalone", "--nproc_per_node", str(int(gpus)), "-m", "mpvg"]
+    return ["mpvg"]
+
+
+# --------------------------------------------------------------------------- jobs
+
+@dataclass
+class Job:
+    """One node of the DAG, in the terms both Snakemake and DVC use."""
+
+    rule: str                        # Snakemake rule / DVC stage group
+    key: str                         # DVC foreach key ("in1k-deit_ti-mpvg-seed0"); "" for singletons
+    args: list[str]                  # the `mpvg` sub-command and its arguments
+    deps: list[str]                  # input paths (Snakemake input, DVC deps)
+    outs: list[str]                  # output paths Snakemake declares and DVC caches
+    persist: list[str] = field(default_factory=list)   # DVC `persist: true` outs (resume state)
+    external: list[str] = field(default_factory=list)  # datasets no job makes: DVC deps only
+    params: list[str] = field(default_factory=list)    # params.yaml keys the job reads
+    directory_outs: bool = False     # outs are folders
+    resources: dict = field(default_factory=dict)
+    cell: str | None = None
+    seed: int | None = None
+
+    @property
+    def stage_name(self) -> str:
+        """``dvc repro`` name: ``train@<key>`` for a foreach stage, the rule name otherwise."""
+        return f"{self.rule}@{self.key}" if self.key else self.rule
+
+    def argv(self, gpus: int | None = None) -> list[str]:
+        """The full command: :func:`launcher` for ``gpus`` (default: the planned GPUs) + args."""
+        return launcher(self.resources.get("gpu", 0) if gpus is None else gpus) + self.args
+
+    def shell(self, gpus: int | None = None) -> str:
+        return " ".join(_quote(a) for a in self.argv(gpus))
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(str(arg))
+
+
+def common_args(params_file: str = "params.yaml", overrides: tuple | list = ()) -> list[str]:
+    """``--params FILE [--set K=V ...]``: what every job passes on to ``mpvg``."""
+    out = ["--params", str(params_file)]
+    for item in overrides:
+        out += ["--set", str(item)]
+    return out
+
+
+def tiny_data_root(params: Mapping) -> str:
+    return str(Path(params["paths"]["data"]) / "tiny")
+
+
+def produced_datasets(params: Mapping) -> dict[str, str]:
+    """Dataset roots the workflow makes itself (the generated tiny data), by dataset name."""
+    if params["scale"] != "tiny":
+        return {}
+    tiny = Path(tiny_data_root(params))
+    return {name: ds["root"] for name, ds in params["datasets"].items()
+            if Path(ds["root"]).parent == tiny}
+
+
+def external_datasets(params: Mapping, cells: Mapping[str, Cell] | None = None) -> dict[str, str]:
+    """Dataset roots the grid reads but no job makes: they must exist before a real run."""
+    cells = cells if cells is not None else expand_cells(params)
+    made = produced_datasets(params)
+    used = {c.dataset for c in cells.values()}
+    return {name: params["datasets"][name]["root"] for name in sorted(used) if name not in made}
+
+
+def missing_inputs(params: Mapping) -> list[str]:
+    """External dataset roots that are not on disk (the start-of-run check)."""
+    return [f"{name}: {root}" for name, root in external_datasets(params).items() if not Path(root).exists()]
+
+
+def cell_params_keys(cell: Cell, tiny_keys: set | frozenset = frozenset()) -> list[str]:
+    """The params.yaml keys a cell's job depends on (DVC ``params:``); ``tiny_keys`` are the
+    ``section.name`` entries the raw file's ``tiny`` block has (see :func:`tiny_keys_of`)."""
+    own = [f"models.{cell.model}", f"recipes.{cell.recipe}", f"datasets.{cell.dataset}"]
+    return ["scale", *own, *(f"tiny.{key}" for key in own if key in tiny_keys)]
+
+
+def tiny_keys_of(params_file: str | Path) -> frozenset:
+    """``{"recipes.deit", "models.DeiT-Ti", ...}``: what the raw params file's ``tiny`` block sets."""
+    import yaml
+
+    raw = yaml.safe_load(Path(params_file).read_text()) or {}
+    return frozenset(f"{section}.{name}" for section, block in (raw.get("tiny") or {}).items()
+                     if isinstance(block, dict) for name in block)
+
+
+def run_signature(params: Mapping, cell_id: str) -> str:
+    """The resolved settings of a cell as one JSON string (Snakemake's ``params`` trigger)."""
+    spec = resolve_run(params, cell_id)
+    return json.dumps({"model": spec.model_name, "model_kwargs": spec.model_kwargs,
+                       "recipe": spec.recipe, "dataset": spec.dataset, "root": str(spec.dataset_root),
+                       "num_classes": spec.num_classes, "init_from": spec.cell.init_from,
+                       "scale": spec.scale}, sort_keys=True, default=str)
+
+
+def cell_dir(params: Mapping, stage: str, cell: str, seed: int) -> str:
+    return str(run_dir(params["paths"]["runs"], stage, cell, seed))
+
+
+def cell_job(params: Mapping, cell: Cell, seed: int, params_file: str = "params.yaml",
+             overrides: tuple | list = (), cells: Mapping[str, Cell] | None = None, tiny_keys: frozenset = frozenset()) -> Job:
+    """The job that trains ``cell`` with ``seed``."""
+    cells = cells if cells is not None else expand_cells(params)
+    res = cell_resources(params, cell)
+    out = cell_dir(params, cell.stage, cell.id, seed)
+    made = produced_datasets(params).get(cell.dataset)
+    deps = [made] if made else []
+    external = [] if made else [params["datasets"][cell.dataset]["root"]]
+    cmd = SUBCOMMAND[cell.stage] + common_args(params_file, overrides) + [
+        "--cell", cell.id, "--seed", str(seed), "--out", out]
+    if cell.init_from:
+        init = cells[cell.init_from]
+        init_dir = cell_dir(params, init.stage, init.id, seed)
+        deps.append(f"{init_dir}/{RESULT}")
+        cmd += [INIT_FLAG[cell.stage], f"{init_dir}/{CHECKPOINT}"]
+    return Job(rule=cell.stage, key=f"{cell.id}-seed{seed}", args=cmd, deps=deps,
+               outs=[f"{out}/{RESULT}"], persist=[f"{out}/{CHECKPOINT}"], external=external,
+               params=cell_params_keys(cell, tiny_keys), resources=res, cell=cell.id, seed=seed)
+
+
+def analysis_cells(cells: Mapping[str, Cell]) -> list[Cell]:
+    """The ImageNet classification cells whose checkpoints the figures read."""
+    return [c for c in cells.values() if c.stage == "train" and c.task == "in1k"]
+
+
+def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tuple | list = ()) -> list[Job]:
+    """Every job of the paper for ``params`` (already resolved by ``load_params``), in order."""
+    cells = expand_cells(params)
+    tiny_keys = tiny_keys_of(params_file) if Path(params_file).is_file() else frozenset()
+    seeds = list(params["seeds"])
+    common = common_args(params_file, overrides)
+    jobs: list[Job] = []
+    made = produced_datasets(params)
+    if made:
+        jobs.append(Job(rule="data_tiny", key="", args=["data", "tiny", "--out",
+                                                       tiny_data_root(params)],
+                        deps=[], outs=sorted(made.values()), directory_outs=True,
+                        params=["tiny.datasets"], resources=dict(TINY)))
+    for stage in CELL_STAGES:
+        for cell in cells.values():
+            if cell.stage == stage:
+                jobs += [cell_job(params, cell, seed, params_file, overrides, cells=cells, tiny_keys=tiny_keys) for seed in seeds]
+    runs, reports = params["paths"]["runs"], params["paths"]["reports"]
+    figures = f"{reports}/figures"
+    analysis_deps = [f"{cell_dir(params, c.stage, c.id, s)}/{RESULT}"
+                     for c in analysis_cells(cells) for s in seeds]
+    jobs.append(Job(rule="analyze", key="", args=["analyze", *common, "--runs", runs, "--out", figures],
+                    deps=analysis_deps, outs=[figures], directory_outs=True,
+                    params=["scale", "models", "grid"], resources=dict(TINY)))
+    all_results = [j.outs[0] for j in jobs if j.cell]
+    jobs.append(Job(rule="report", key="", args=["report", *common, "--runs", runs, "--out", reports],
+                    deps=all_results + [f"{figures}"], outs=[f"{reports}/{name}" for name in REPORT_FILES],
+                    params=["scale", "seeds", "grid"], resources=dict(TINY)))
+    return jobs
+
+
+def targets(params: Mapping) -> list[str]:
+    """What `snakemake` builds by default: the report (and so everything before it)."""
+    return [f"{params['paths']['reports']}/{name}" for name in REPORT_FILES]
+
+
+class Opaque:
+    """A value for a Snakemake ``params`` entry that its params rerun trigger leaves out.
+
+    Snakemake records only builtin values (str, dict, ...) of ``params`` for the trigger; the
+    shell command holds the launcher (how many GPUs), which must not make a finished run stale.
+    What a run computes is tracked by :func:`run_signature` instead."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Opaque({self.text!r})"

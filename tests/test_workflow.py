@@ -1,0 +1,447 @@
+"""The workflow: one DAG from params.yaml, Snakemake and DVC in step, start-of-run checks,
+rerun triggers, environment files, MLflow with parallel jobs."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run, tool_env
+from mpvg.config import expand_cells, load_params
+from mpvg.workflow import plan as wf
+from mpvg.workflow.dvcyaml import render
+
+PARAMS = ROOT / "params.yaml"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def snakemake(workdir: Path, *args: str, timeout: float = 120, env: dict | None = None):
+    return run(["snakemake", *args], workdir, timeout=timeout, env=env)
+
+
+def dry_run_jobs(output: str) -> list[dict]:
+    """The jobs of a `snakemake -n` (printshellcmds) log: rule, input, output, resources, shell."""
+    jobs, job = [], None
+    for line in output.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line)
+        if m:
+            job = {"rule": m.group(1), "input": [], "output": [], "resources": {}, "threads": 1, "shell": None}
+            jobs.append(job)
+        elif job is not None:
+            s = line.strip()
+            for key in ("input", "output"):
+                if s.startswith(f"{key}: "):
+                    job[key] = s[len(key) + 2:].split(", ")
+            if s.startswith("resources: "):
+                job["resources"] = dict(kv.split("=", 1) for kv in s[len("resources: "):].split(", "))
+            if s.startswith("threads: "):
+                job["threads"] = int(s.split()[1])
+            if line.startswith("Shell command: "):
+                job["shell"] = line[len("Shell command: "):]
+    return [j for j in jobs if j["rule"] != "all"]
+
+
+def write_params(workdir: Path, edit) -> None:
+    data = yaml.safe_load((workdir / "params.yaml").read_text())
+    edit(data)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+FAKE_SLURM = """#!/bin/sh
+echo "$(basename "$0") $*" >> "{log}"
+exit 1
+"""
+
+
+def fake_slurm(tmp_path: Path) -> tuple[dict, Path]:
+    """PATH with sbatch/squeue/sacct/... that only record their calls (and fail)."""
+    fake, log = tmp_path / "fakebin", tmp_path / "slurm-calls.log"
+    fake.mkdir()
+    log.write_text("")
+    for name in ("sbatch", "squeue", "sacct", "sinfo", "scontrol", "sacctmgr", "sshare", "scancel", "srun"):
+        (fake / name).write_text(FAKE_SLURM.format(log=log))
+        (fake / name).chmod(0o755)
+    env = tool_env()
+    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+    return env, log
+
+
+# --------------------------------------------------------------------------- the plan
+
+def test_plan_has_every_cell_once_per_seed_with_edges_and_resources():
+    paper = load_params(PARAMS, ["scale=paper", "seeds=[0,1]"])
+    cells = expand_cells(paper)
+    jobs = wf.build_plan(paper)
+    cell_jobs = [j for j in jobs if j.cell]
+    assert sorted((j.cell, j.seed) for j in cell_jobs) == sorted((c, s) for c in cells for s in (0, 1))
+    # a cell two tables share is trained once
+    assert cells["in1k-deit_ti-mpvg"].tables == ["T1", "T5", "T6"]
+    assert sum(j.cell == "in1k-deit_ti-mpvg" for j in cell_jobs) == 2
+    by_key = {j.key: j for j in cell_jobs}
+    # T2T-ViT-7 on CIFAR-100 is fine-tuned from the matching ImageNet run of the same seed
+    ft = by_key["c100-t2t_vit_7-mpvg-seed1"]
+    assert ft.rule == "finetune"
+    assert "runs/train/in1k-t2t_vit_7-mpvg/seed1/result.json" in ft.deps
+    assert ft.args[ft.args.index("--init-from") + 1] == "runs/train/in1k-t2t_vit_7-mpvg/seed1/checkpoint.pt"
+    # downstream DeiT-Ti x 4 methods start from their ImageNet checkpoints
+    for method in ("default", "lape", "pvg", "mpvg"):
+        for task, rule in (("coco", "detect"), ("ade20k", "segment")):
+            job = by_key[f"{task}-deit_ti-{method}-seed0"]
+            assert job.rule == rule and job.args[:2] == [rule, "train"]
+            assert job.args[job.args.index("--pretrained") + 1] == f"runs/train/in1k-deit_ti-{method}/seed0/checkpoint.pt"
+    # paper sizing: 4 GPUs per ImageNet run, 8 for DeiT-B; torchrun when > 1 GPU
+    assert by_key["in1k-deit_ti-pvg-seed0"].resources["gpu"] == 4
+    assert by_key["in1k-deit_b-pvg-seed0"].resources["gpu"] == 8
+    assert by_key["in1k-deit_b-pvg-seed0"].argv()[:4] == ["torchrun", "--standalone", "--nproc_per_node", "8"]
+    assert by_key["c100-vit_lite-pvg-seed0"].argv()[0] == "mpvg"
+    assert all(j.resources["runtime"] >= wf.MIN_RUNTIME_MIN for j in cell_jobs)
+    # tiny: CPU only, and the generated data is the first job
+    tiny_jobs = wf.build_plan(load_params(PARAMS))
+    assert tiny_jobs[0].rule == "data_tiny"
+    assert {j.resources["gpu"] for j in tiny_jobs} == {0}
+
+
+def test_cost_table_sums_the_recipes():
+    from mpvg.workflow.cost import cost_rows, cost_table
+
+    paper = load_params(PARAMS, ["scale=paper"])
+    rows = {r["cell"]: r for r in cost_rows(paper)}
+    # DeiT: 300 epochs x 1,281,167 images at the planned throughput
+    assert rows["in1k-deit_ti-mpvg"]["gpu_hours"] == pytest.approx(
+        300 * 1_281_167 / wf.IMAGES_PER_S_PER_GPU["DeiT-Ti"] / 3600)
+    # ADE20K: 160k iterations x batch 8
+    assert rows["ade20k-deit_ti-mpvg"]["images_m"] == pytest.approx(160_000 * 8 / 1e6)
+    table = cost_table(paper)
+    assert table.count("\n") == len(rows) + 2 and "**total**" in table
+    # the README shows the per-model table exactly as `mpvg workflow cost --by-model` prints it
+    assert cost_table(paper, by_model=True) in (ROOT / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- Snakemake
+
+def test_slurm_profile_dry_run_plans_paper_scale_fast(workdir):
+    """`snakemake -n --profile slurm` at the root: paper scale, every cell with its resources,
+    datasets absent, in under 5 seconds."""
+    assert not (workdir / "data").exists()
+    start = time.monotonic()
+    res = snakemake(workdir, "-n", "--profile", "slurm")
+    elapsed = time.monotonic() - start
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert elapsed < 5.0, f"dry run took {elapsed:.1f} s"
+    jobs = dry_run_jobs(res.stdout)
+    paper = load_params(PARAMS, ["scale=paper"])
+    cells = expand_cells(paper)
+    assert len([j for j in jobs if j["rule"] in wf.CELL_STAGES]) == len(cells) * len(paper["seeds"])
+    assert "data_tiny" not in {j["rule"] for j in jobs}
+    for job in jobs:
+        if job["rule"] in wf.CELL_STAGES:
+            assert "--set scale=paper" in job["shell"]
+            assert int(job["resources"]["gpu"]) >= 1 and int(job["resources"]["runtime"]) >= 30
+            assert int(job["resources"]["mem_mb"]) >= 48000 and int(job["resources"]["cpus_per_task"]) >= 8
+    deit_b = next(j for j in jobs if "--cell in1k-deit_b-mpvg " in j["shell"])
+    assert deit_b["resources"]["gpu"] == "8" and deit_b["shell"].startswith("torchrun --standalone --nproc_per_node 8 ")
+
+
+def _snakemake_view(workdir: Path, *args: str) -> dict:
+    res = snakemake(workdir, "-n", *args)
+    assert res.returncode == 0, res.stdout[-3000:]
+    return {tuple(sorted(j["output"])): (j["shell"], sorted(j["input"])) for j in dry_run_jobs(res.stdout)}
+
+
+def _dvc_view(workdir: Path) -> dict:
+    from dvc.repo import Repo
+
+    view = {}
+    with Repo(str(workdir)) as repo:
+        for stage in repo.index.stages:
+            outs = tuple(sorted(str(o.def_path) for o in stage.outs if not o.persist))
+            deps = sorted(str(d.def_path) for d in stage.deps if type(d).__name__ != "ParamsDependency")
+            view[outs] = (stage.cmd, deps)
+    return view
+
+
+@pytest.mark.parametrize("scale", ["tiny", "paper"])
+def test_snakemake_and_dvc_describe_the_same_dag(workdir, scale):
+    """Same stages, commands and outs; same deps except the external datasets (DVC deps only)."""
+    overrides = [] if scale == "tiny" else ["--set", "scale=paper"]
+    res = run(["mpvg", "workflow", "dvc-yaml", *overrides], workdir)
+    assert res.returncode == 0, res.stdout
+    smk = _snakemake_view(workdir, *([] if scale == "tiny" else ["--config", "scale=paper"]))
+    dvc = _dvc_view(workdir)
+    assert set(smk) == set(dvc)
+    external = set(wf.external_datasets(load_params(PARAMS, [f"scale={scale}"])).values())
+    for outs, (cmd, inputs) in smk.items():
+        dvc_cmd, dvc_deps = dvc[outs]
+        assert cmd == dvc_cmd, outs
+        assert inputs == sorted(d for d in dvc_deps if d not in external and d != "params.yaml"), outs
+    # persistent checkpoints are DVC outs next to every result
+    from dvc.repo import Repo
+
+    with Repo(str(workdir)) as repo:
+        persist = {str(o.def_path) for s in repo.index.stages for o in s.outs if o.persist}
+    assert persist == {o[0].replace("result.json", "checkpoint.pt") for o in smk if o[0].endswith("result.json")}
+
+
+def test_committed_dvc_yaml_matches_params():
+    """dvc.yaml is what `mpvg workflow dvc-yaml` makes of params.yaml (regenerate after editing it)."""
+    assert (ROOT / "dvc.yaml").read_text() == render(wf.build_plan(load_params(PARAMS)))
+
+
+def test_dvc_yaml_check_detects_a_stale_file(workdir):
+    assert run(["mpvg", "workflow", "dvc-yaml", "--check"], workdir).returncode == 0
+    write_params(workdir, lambda p: p.__setitem__("seeds", [0, 1]))
+    res = run(["mpvg", "workflow", "dvc-yaml", "--check"], workdir)
+    assert res.returncode == 1 and "stale" in res.stdout
+
+
+def _make_all_outputs(workdir: Path, params: dict) -> list[Path]:
+    """Create every output of the tiny DAG (as a `dvc checkout` would), oldest first."""
+    made = []
+    for job in wf.build_plan(params):
+        for out in job.outs:
+            path = workdir / out
+            if job.directory_outs:
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "placeholder").write_text("x")
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"restored": True}))
+            made.append(path)
+    return made
+
+
+def test_restored_results_are_not_rerun(workdir):
+    """Outputs restored with fresh mtimes (dvc pull/checkout) -- every input even newer than what
+    depends on it -- leave nothing to do; a missing result reruns that job and its dependents."""
+    made = _make_all_outputs(workdir, load_params(PARAMS))
+    now = time.time()
+    for i, path in enumerate(reversed(made)):
+        os.utime(path, (now + i, now + i))
+    res = snakemake(workdir, "-n")
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert "Nothing to be done" in res.stdout, res.stdout[-2000:]
+    # control: a result that is really gone is rebuilt when asked for (the dry run can plan work)
+    missing = "runs/train/in1k-t2t_vit_7-mpvg/seed0/result.json"
+    (workdir / missing).unlink()
+    control = snakemake(workdir, "-n", missing)
+    assert control.returncode == 0, control.stdout[-2000:]
+    assert [(j["rule"], j["output"]) for j in dry_run_jobs(control.stdout)] == [("train", [missing])]
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda p: p["grid"][0]["models"].append("DeiT-XL"), "unknown model 'DeiT-XL'"),
+    (lambda p: p["grid"][1]["methods"].append("MPVG2"), "unknown method 'MPVG2'"),
+])
+def test_bad_params_stop_before_any_job(workdir, tmp_path, edit, needle):
+    write_params(workdir, edit)
+    env, calls = fake_slurm(tmp_path)
+    for args in (["-n"], ["--profile", "slurm", "--default-resources", "slurm_partition=debug"]):
+        res = snakemake(workdir, *args, env=env)
+        assert res.returncode != 0
+        assert needle in res.stdout, res.stdout[-2000:]
+    assert "sbatch" not in calls.read_text()
+    assert not (workdir / "runs").exists()
+
+
+def test_unknown_config_key_is_named(workdir):
+    res = snakemake(workdir, "-n", "--config", "sclae=paper")
+    assert res.returncode != 0 and "sclae" in res.stdout
+
+
+def test_missing_dataset_stops_before_submitting(workdir, tmp_path):
+    """A real paper-scale run without data: nothing reaches sbatch; the message names the path."""
+    env, calls = fake_slurm(tmp_path)
+    res = snakemake(workdir, "--profile", "slurm", "--default-resources", "slurm_partition=debug", env=env)
+    assert res.returncode != 0
+    assert "data/imagenet does not exist" in res.stdout, res.stdout[-3000:]
+    assert "sbatch" not in calls.read_text()
+    assert not (workdir / "runs").exists()
+    # the same check as a command
+    check = run(["mpvg", "workflow", "check", "--set", "scale=paper"], workdir)
+    assert check.returncode == 1 and "data/imagenet" in check.stdout
+
+
+def test_slurm_profile_without_partition_stops_before_submitting(workdir, tmp_path):
+    env, calls = fake_slurm(tmp_path)
+    res = snakemake(workdir, "--profile", "slurm", "--config", "scale=tiny", env=env)
+    assert res.returncode != 0
+    assert "no SLURM partition" in res.stdout and "slurm_partition" in res.stdout, res.stdout[-3000:]
+    assert "sbatch" not in calls.read_text()
+    assert not (workdir / "runs").exists() and not (workdir / "data").exists()
+
+
+# --------------------------------------------------------------------------- files
+
+def test_slurm_profile_is_found_at_the_root():
+    link = ROOT / "slurm"
+    assert link.is_symlink() and (link / "config.v8+.yaml").is_file()
+    profile = yaml.safe_load((link / "config.v8+.yaml").read_text())
+    assert profile["executor"] == "slurm" and "scale=paper" in profile["config"]
+    assert profile["slurm-requeue"] is True and profile["retries"] >= 1
+    assert "slurm_partition" not in profile["default-resources"]  # the user sets it (one place)
+    default = yaml.safe_load((ROOT / "profiles/default/config.v8+.yaml").read_text())
+    assert "mtime" not in default["rerun-triggers"]
+
+
+def test_conda_env_pins_match_the_lock():
+    lock = {}
+    for line in (ROOT / "envs/requirements.lock").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            lock[name.lower()] = version.strip()
+    env = yaml.safe_load((ROOT / "envs/mpvg.yaml").read_text())
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
+    assert python == f"python={sys.version_info.major}.{sys.version_info.minor}"
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-c requirements.lock" in pip
+    pins = dict(p.split("==", 1) for p in pip if "==" in p)
+    assert pins and all(lock[name.lower()] == version for name, version in pins.items())
+    top = [re.split(r"[=<>!~\[ ]", line.split("#")[0].strip())[0].lower()
+           for line in (ROOT / "envs/requirements.in").read_text().splitlines() if line.split("#")[0].strip()]
+    assert sorted(top) == sorted(name.lower() for name in pins)
+
+
+def test_ci_runs_make_test():
+    ci = ROOT / ".ci/run"
+    assert os.access(ci, os.X_OK)
+    assert re.search(r"^exec make test$", ci.read_text(), re.M)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LOG_ONE_RUN = """
+import sys
+from mpvg.tracking import RunTracker
+uri, out, name = sys.argv[1:4]
+t = RunTracker(out, uri, "parallel")
+assert t.start(name, {"cell": name}, {"recipe": {"lr": 0.1}}) is not None, "no run"
+for step in range(3):
+    t.log_metrics({"loss": 1.0 / (step + 1)}, step)
+t.finish()
+assert t.online, "tracking went offline"
+"""
+
+
+def _log_in_parallel(uri: str, tmp_path: Path, n: int) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", LOG_ONE_RUN, uri, str(tmp_path / f"job{i}"), f"job{i}"],
+                              env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(n)]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-2000:]
+
+
+def _runs(uri: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("parallel")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_parallel_jobs_lose_no_run_in_the_local_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    res = run(["mpvg", "tracking", "--params", str(PARAMS), "init"], tmp_path, env=tool_env(MLFLOW_TRACKING_URI=uri))
+    assert res.returncode == 0, res.stdout[-2000:]
+    _log_in_parallel(uri, tmp_path, 4)
+    runs = _runs(uri)
+    assert sorted(r.info.run_name for r in runs) == [f"job{i}" for i in range(4)]
+    assert all(r.info.status == "FINISHED" and len(r.data.metrics) == 1 for r in runs)
+
+
+def test_parallel_jobs_log_through_a_real_mlflow_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "artifacts")],
+        cwd=tmp_path, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("mlflow server did not start")
+                time.sleep(0.5)
+        _log_in_parallel(uri, tmp_path, 4)
+        runs = _runs(uri)
+        assert sorted(r.info.run_name for r in runs) == [f"job{i}" for i in range(4)]
+        assert all(r.data.metrics["loss"] == pytest.approx(1 / 3) for r in runs)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------- real runs
+
+def _shorten_tiny(workdir: Path, epochs: int = 1) -> None:
+    """Fewer epochs for the classification recipes (a params change, not a DAG change)."""
+    def edit(p):
+        for name, recipe in p["tiny"]["recipes"].items():
+            if "epochs" in recipe and "lr_steps" not in recipe:
+                recipe["epochs"] = epochs
+    write_params(workdir, edit)
+
+
+def test_dvc_repro_of_one_training_stage_from_a_clean_copy(workdir):
+    """`dvc repro train@<cell>-seed0` runs the tiny data and that cell alone; `dvc status` is clean."""
+    _shorten_tiny(workdir)
+    subprocess.run(["git", "add", "-A"], cwd=workdir, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clean"], cwd=workdir, check=True)
+    stage = "train@c100-vit_lite-mpvg-seed0"
+    res = run(["dvc", "repro", stage], workdir, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert (workdir / "runs/train/c100-vit_lite-mpvg/seed0/result.json").is_file()
+    assert not (workdir / "runs/train/c100-vit_lite-default").exists()  # nothing else ran
+    status = run(["dvc", "status", stage], workdir)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+    lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"data_tiny", stage}
+
+
+@pytest.mark.slow
+def test_whole_tiny_dag_on_two_cores(workdir):
+    """The demo: every cell, figures and tables at the tiny scale; an MLflow run per cell."""
+    start = time.monotonic()
+    res = snakemake(workdir, "--cores", "2", timeout=3600)
+    elapsed = time.monotonic() - start
+    assert res.returncode == 0, res.stdout[-4000:]
+    params = load_params(PARAMS)
+    jobs = wf.build_plan(params)
+    for job in jobs:
+        for out in job.outs:
+            assert (workdir / out).exists(), out
+    results = [json.loads((workdir / j.outs[0]).read_text()) for j in jobs if j.cell]
+    assert all(r["scale"] == "tiny" for r in results)
+    uri = f"sqlite:///{workdir / 'mlruns.db'}"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
+    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    assert {r["mlflow_run_id"] for r in results} <= {r.info.run_id for r in runs}
+    print(f"whole tiny DAG: {len(jobs)} jobs in {elapsed:.0f} s")
