@@ -241,3 +241,11 @@ def test_pe_override_keys_mirror_peconfig():
     from mpvg.models.pe import PEConfig
 
     assert set(config.PE_OVERRIDE_TYPES) == {f.name for f in fields(PEConfig)}
+
+
+def test_override_of_one_recipe_leaves_recipes_sharing_its_yaml_anchor_alone():
+    from mpvg.config import load_params
+
+    params = load_params(ROOT / "params.yaml", ["tiny.recipes.deit.epochs=2"])
+    assert params["recipes"]["deit"]["epochs"] == 2
+    assert params["recipes"]["swin"]["epochs"] != 2

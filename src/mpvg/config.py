@@ -268,6 +268,16 @@ def deep_merge(base: dict, update: Mapping) -> dict:
     return out
 
 
+def _unshared(value: Any) -> Any:
+    """A copy of nested dicts/lists in which no two places share an object (``copy.deepcopy``
+    keeps aliases shared)."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict | list[str] | None = None) -> dict:
     """Read, override, validate and resolve params.yaml into a plain dict.
 
@@ -287,6 +297,9 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | list[str] | 
         raise ConfigError(f"{where}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping at the top, got {type(raw).__name__}")
+    # YAML aliases (``*tiny_cls``) load as one shared dict: copy so that an override of one
+    # recipe does not change every recipe that shares the anchor.
+    raw = _unshared(raw)
     overrides = _normalize_overrides(overrides)
     for key, value in overrides.items():
         set_dotted(raw, key, value)
