@@ -1,0 +1,105 @@
+"""Run metadata: git commit, SLURM job id, compute accounting and atomic file writes.
+
+Small, dependency-free helpers shared by training, tracking and the other areas that write
+run outputs (``runs/<stage>/<cell>/seed<k>/result.json``, see docs/contracts.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+_COMMIT_CACHE: dict[str, str] = {}
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: the working directory) that holds
+    ``params.yaml``, ``pyproject.toml`` or ``.git``; the working directory when none does."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if any((folder / marker).exists() for marker in ("params.yaml", "pyproject.toml", ".git")):
+            return folder
+    return here
+
+
+def git_commit(root: str | os.PathLike | None = None) -> str:
+    """The commit of the code that runs: ``$MPVG_GIT_COMMIT`` if set (for copies without
+    ``.git``), else ``git rev-parse HEAD`` in ``root``, with ``-dirty`` when tracked files
+    changed; ``"unknown"`` when neither is available."""
+    if os.environ.get("MPVG_GIT_COMMIT"):
+        return os.environ["MPVG_GIT_COMMIT"]
+    root = str(Path(root or Path(__file__).resolve().parent).resolve())
+    if root not in _COMMIT_CACHE:
+        try:
+            run = dict(cwd=root, capture_output=True, text=True, timeout=10, check=True)
+            sha = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+            _COMMIT_CACHE[root] = sha + ("-dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            _COMMIT_CACHE[root] = "unknown"
+    return _COMMIT_CACHE[root]
+
+
+def slurm_job_id() -> str | None:
+    """``<array job>_<task>`` for an array task, else ``$SLURM_JOB_ID``; None outside SLURM."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def cpus_per_process() -> int:
+    """CPU cores this process may use (SLURM's allocation when set, else the affinity mask)."""
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def compute_hours(wall_time_s: float, device_type: str, world_size: int) -> dict[str, float]:
+    """Allocated resources of a run: ``gpu_hours`` (one GPU per process on CUDA) and
+    ``cpu_hours`` (cores per process times processes), both from the wall time."""
+    gpus = world_size if device_type == "cuda" else 0
+    return {
+        "gpu_hours": round(wall_time_s * gpus / 3600.0, 6),
+        "cpu_hours": round(wall_time_s * cpus_per_process() * world_size / 3600.0, 6),
+    }
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write ``path`` all at once: a temporary file in the same folder, flushed and fsynced,
+    then ``os.replace``'d over ``path``. A crash leaves the old file (or none), never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """``obj`` as indented JSON at ``path``, written with :func:`atomic_open`."""
+    with atomic_open(path, "w") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+    return Path(path)

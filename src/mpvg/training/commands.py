@@ -1,0 +1,162 @@
+"""``mpvg train``, ``mpvg eval`` and ``mpvg tracking {init,sync}`` (argparse only at import time).
+
+Exit codes of ``mpvg train``: 0 finished (result.json written); 1 the loss became NaN/inf
+(last good checkpoint kept) or an unexpected error; 2 bad configuration, data or arguments;
+75 (``mpvg.training.REQUEUE_EXIT_CODE``, EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after saving a
+checkpoint: requeue the job and the same command resumes it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mpvg.training import REQUEUE_EXIT_CODE
+
+
+def register(subparsers) -> None:
+    from mpvg.config import add_params_arguments
+
+    p = subparsers.add_parser(
+        "train", help="train one classification cell for one seed (resumable; torchrun for DDP)",
+        description="Train one classification cell of params.yaml for one seed with the recipe of its "
+        "scale. Resumes automatically from OUT/checkpoint.pt; writes OUT/result.json last. Multi-GPU: "
+        "torchrun --nproc-per-node=G -m mpvg train ... (the recipe's batch_size is global). "
+        f"Exit codes: 0 done, 1 non-finite loss or crash, 2 bad config/data, {REQUEUE_EXIT_CODE} "
+        "preempted (SIGTERM/SIGUSR1; checkpoint saved, requeue).")
+    add_params_arguments(p)
+    p.add_argument("--cell", required=True, help="cell id, e.g. in1k-deit_ti-mpvg (`mpvg cells` lists them)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run folder (default: <paths.runs>/<stage>/<cell>/seed<k>)")
+    p.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
+                   help="start from these weights (PE resized, head of another size dropped); "
+                   "needed by fine-tuning cells")
+    _add_device_arguments(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-resume", action="store_true", help="fail if OUT/checkpoint.pt exists instead of resuming")
+    p.add_argument("--eval-every", type=int, default=1, metavar="N",
+                   help="evaluate every N epochs (0: only after the last; default 1)")
+    p.add_argument("--log-interval", type=int, default=20, metavar="STEPS",
+                   help="steps between loss checks / progress updates (default 20)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they are off when stderr is not a TTY)")
+    p.add_argument("--no-tracking", action="store_true", help="no MLflow (OUT/metrics.jsonl is still written)")
+    p.add_argument("--log-checkpoint", action="store_true",
+                   help="upload checkpoint.pt to MLflow (default: only its path, in the model card)")
+    p.set_defaults(func=_train)
+
+    e = subparsers.add_parser("eval", help="top-1/top-5/loss of a checkpoint on a cell's validation set",
+                              description="Evaluate a checkpoint on the validation split of a cell's dataset; "
+                              "prints JSON and writes it to --out.")
+    add_params_arguments(e)
+    e.add_argument("--cell", required=True, help="cell id (gives the model, dataset and eval transform)")
+    e.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt of `mpvg train`, or a state dict")
+    e.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the metrics JSON here")
+    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    _add_device_arguments(e)
+    e.set_defaults(func=_eval)
+
+    t = subparsers.add_parser("tracking", help="MLflow store: create it before parallel jobs, upload offline runs",
+                              description="Where runs are tracked: $MLFLOW_TRACKING_URI, else tracking.uri of "
+                              "params.yaml, else sqlite:///<project root>/mlruns.db.")
+    add_params_arguments(t)
+    tsub = t.add_subparsers(dest="tracking_command", metavar="ACTION", required=True)
+    ti = tsub.add_parser("init", help="create the store and the experiment once (run before parallel jobs)")
+    ti.set_defaults(func=_tracking_init)
+    ts = tsub.add_parser("sync", help="upload run folders' metrics.jsonl (jobs that ran with MLflow down)")
+    ts.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    ts.add_argument("--force", action="store_true", help="upload even if result.json names an MLflow run")
+    ts.set_defaults(func=_tracking_sync)
+
+
+def _add_device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                   help="autocast dtype (auto: bf16 on CUDA when the recipe says amp, none on CPU)")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: the recipe's)")
+
+
+def _fail(command: str, err: BaseException, code: int = 2) -> int:
+    print(f"mpvg {command}: error: {err}", file=sys.stderr)
+    return code
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from mpvg.config import ConfigError
+    from mpvg.data import DatasetError
+
+    return ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError
+
+
+def _tracking_settings(args, params) -> tuple[str, str]:
+    from mpvg.runinfo import project_root
+    from mpvg.tracking import experiment_name, resolve_tracking_uri
+
+    return resolve_tracking_uri(params, project_root(Path(args.params).resolve().parent)), experiment_name(params)
+
+
+def _train(args) -> int:
+    from mpvg.config import params_from_args, resolve_run
+    from mpvg.training.engine import NonFiniteLossError, Preempted, TrainOptions, train
+
+    try:
+        params = params_from_args(args)
+        spec = resolve_run(params, args.cell)
+        uri, experiment = _tracking_settings(args, params)
+        opts = TrainOptions(
+            out_dir=args.out or spec.run_dir(args.seed), seed=args.seed, device=args.device, amp=args.amp,
+            compile=args.compile, init_from=args.init_from, resume=not args.no_resume, quiet=args.quiet,
+            eval_every=args.eval_every, num_workers=args.workers, log_interval=max(1, args.log_interval),
+            log_checkpoint=args.log_checkpoint, tracking_uri=None if args.no_tracking else uri, experiment=experiment)
+        train(spec, opts)
+    except Preempted as err:
+        print(f"mpvg train: {err}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
+    except NonFiniteLossError as err:
+        return _fail("train", err, 1)
+    except _expected_errors() as err:
+        return _fail("train", err)
+    return 0
+
+
+def _eval(args) -> int:
+    from mpvg.config import params_from_args, resolve_run
+    from mpvg.runinfo import write_json_atomic
+    from mpvg.training.engine import evaluate_checkpoint
+
+    try:
+        spec = resolve_run(params_from_args(args), args.cell)
+        result = evaluate_checkpoint(spec, args.checkpoint, args.device, args.amp, args.ema, args.workers)
+    except _expected_errors() as err:
+        return _fail("eval", err)
+    print(json.dumps(result, indent=2))
+    if args.out is not None:
+        write_json_atomic(args.out, result)
+    return 0
+
+
+def _tracking_init(args) -> int:
+    from mpvg.config import params_from_args
+    from mpvg.tracking import init_store
+
+    try:
+        uri, experiment = _tracking_settings(args, params_from_args(args))
+        exp_id = init_store(uri, experiment)
+    except _expected_errors() as err:
+        return _fail("tracking init", err)
+    print(f"tracking store {uri}: experiment {experiment!r} (id {exp_id}) ready")
+    return 0
+
+
+def _tracking_sync(args) -> int:
+    from mpvg.config import params_from_args
+    from mpvg.tracking import sync
+
+    try:
+        uri, experiment = _tracking_settings(args, params_from_args(args))
+        for run_dir in args.run_dirs:
+            print(f"{run_dir}: uploaded as MLflow run {sync(run_dir, uri, experiment, args.force)} to {uri}")
+    except (*_expected_errors(), RuntimeError) as err:
+        return _fail("tracking sync", err)
+    return 0
