@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # What a DAG run needs besides the installed package (src/ is imported from the checkout).
+SLURM_SCRIPT = ROOT / "scripts" / "slurm-cluster.sh"
 WORKFLOW_FILES = ("Snakefile", "workflow", "profiles", "slurm", "params.yaml", "dvc.yaml", ".dvc", ".dvcignore")
 
 
@@ -45,3 +46,18 @@ def workdir(tmp_path: Path) -> Path:
             shutil.copy2(src, dest / name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start the one-node cluster (scripts/slurm-cluster.sh) once per session (installing it with apt-get if needed); stop it afterwards
+    unless it was already running."""
+    if os.geteuid() != 0:
+        pytest.skip("the one-node SLURM cluster needs root (CI runs as root)")
+    status = subprocess.run([str(SLURM_SCRIPT), "status"], capture_output=True, text=True)
+    was_up = "slurmctld running" in status.stdout and "slurmd running" in status.stdout
+    up = subprocess.run([str(SLURM_SCRIPT), "up"], capture_output=True, text=True, timeout=900)
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield
+    if not was_up:
+        subprocess.run([str(SLURM_SCRIPT), "down"], capture_output=True, text=True, timeout=300)

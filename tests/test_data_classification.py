@@ -168,13 +168,14 @@ def test_tiny_round_trip_through_real_loaders(tiny_root):
         assert data.num_classes == 10 and len(data.classes) == 10 and data.mixup is None
         assert len(data.train.dataset) == n_train and len(data.eval.dataset) == 200
         assert Counter(data.eval.dataset.targets) == {k: 20 for k in range(10)}
+        batch = spec.recipe["batch_size"]
         x, y = next(iter(data.train))
-        assert x.shape == (16, 3, 32, 32) and y.dtype == torch.int64 and 0 <= y.min() and y.max() < 10
+        assert x.shape == (batch, 3, 32, 32) and y.dtype == torch.int64 and 0 <= y.min() and y.max() < 10
         x, y = next(iter(data.eval))
-        assert x.shape == (16, 3, 32, 32) and y.tolist() == [0] * 16  # eval order is sequential
+        assert x.shape == (batch, 3, 32, 32) and y.tolist() == [i // 20 for i in range(batch)]  # sequential: 20 a class
     t2t = resolve_run(params, "c100-t2t_vit_7-mpvg")
     data = build_classification_data(t2t, seed=0, world_size=2, rank=1)
-    assert data.per_process_batch == 8 and len(data.eval.sampler) == 100
+    assert data.per_process_batch == t2t.recipe["batch_size"] // 2 and len(data.eval.sampler) == 100
 
 
 def test_tiny_images_are_learnable(tiny_root):

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run, tool_env
+from conftest import SLURM_SCRIPT as SCRIPT, run, tool_env
 
 pytestmark = pytest.mark.slurm
 
-SCRIPT = ROOT / "scripts" / "slurm-cluster.sh"
 TEST_OVERRIDES = [
     "--profile", "slurm", "--config", "scale=tiny",
     # the one place a user sets the partition, overridden here with small sizes for CI
@@ -25,21 +24,6 @@ TEST_OVERRIDES = [
     "slurm_extra='--signal=USR1@300'",
     "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs", "--jobs", "2",
 ]
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """Start the one-node cluster (installing it with apt-get if needed); stop it afterwards
-    unless it was already running."""
-    if os.geteuid() != 0:
-        pytest.skip("the one-node SLURM cluster needs root (CI runs as root)")
-    status = subprocess.run([str(SCRIPT), "status"], capture_output=True, text=True)
-    was_up = "slurmctld running" in status.stdout and "slurmd running" in status.stdout
-    up = subprocess.run([str(SCRIPT), "up"], capture_output=True, text=True, timeout=900)
-    assert up.returncode == 0, up.stdout + up.stderr
-    yield
-    if not was_up:
-        subprocess.run([str(SCRIPT), "down"], capture_output=True, text=True, timeout=300)
 
 
 def snakemake_on_slurm(workdir: Path, *args: str, timeout: float = 240) -> tuple[int, str]:

@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from test_training import CELL, EPOCHS, one_thread, tiny_data, train_in_process, write_params  # noqa: F401
+from test_training import (CELL, EPOCHS, make_spec, one_thread, tiny_data, train_in_process,  # noqa: F401
+                           write_params)
 
 
 def closed_port() -> int:
@@ -33,8 +34,9 @@ def test_run_is_logged_with_tags_params_metrics_and_artifacts(tiny_data, tmp_pat
 
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     init_store(uri, "tests")
-    out = tmp_path / "run"
-    result = train_in_process(write_params(tmp_path, tiny_data), out, tracking_uri=uri, experiment="tests")
+    out, params_path = tmp_path / "run", write_params(tmp_path, tiny_data)
+    result = train_in_process(params_path, out, tracking_uri=uri, experiment="tests")
+    recipe = make_spec(params_path).recipe
 
     client = MlflowClient(uri)
     run = client.get_run(result["mlflow_run_id"])
@@ -45,7 +47,8 @@ def test_run_is_logged_with_tags_params_metrics_and_artifacts(tiny_data, tmp_pat
                 "cell": CELL, "scale": "tiny", "git_commit": result["git_commit"]}
     assert {k: tags.get(k) for k in expected} == expected
     params = run.data.params
-    assert params["recipe.batch_size"] == "32" and float(params["recipe.lr"]) == pytest.approx(2e-3)
+    assert params["recipe.batch_size"] == "32" and float(params["recipe.lr"]) == pytest.approx(recipe["lr"])
+    assert params["recipe.mean"] == str(recipe["mean"])
     assert params["model.name"] == "mpvg_deit_small_patch16_224" and params["model.pe_method"] == "mpvg"
     assert params["model.embed_dim"] == "32" and params["run.params"] == str(result["params"])
     top1 = client.get_metric_history(run.info.run_id, "val_top1")

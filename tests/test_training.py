@@ -29,8 +29,9 @@ def write_params(folder: Path, data_root: Path, epochs: int = EPOCHS, **recipe) 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["tiny"]["datasets"]["imagenet"]["root"] = str(data_root / "imagenet")
     raw["tiny"]["models"]["DeiT-S"] = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}
+    # no per-process randomness (dropout, drop-path, mixup) so that DDP matches one process
     raw["tiny"]["recipes"]["deit"] = {**raw["tiny"]["recipes"]["deit"], "epochs": epochs, "batch_size": BATCH,
-                                      **recipe}
+                                      "drop_path": 0.0, "mixup": 0.0, "cutmix": 0.0, **recipe}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
