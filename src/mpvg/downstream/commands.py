@@ -20,7 +20,7 @@ TASKS = {
 
 def register(subparsers) -> None:
     from mpvg.config import add_params_arguments
-    from mpvg.training.commands import _add_device_arguments
+    from mpvg.training.commands import add_device_arguments
 
     for task, (what, example, metric, table) in TASKS.items():
         top = subparsers.add_parser(task, help=f"{what} on a ViT-Adapter-Ti of each PE method ({table})",
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
         t.add_argument("--pretrained", "--init-from", dest="pretrained", type=Path, default=None, metavar="CKPT",
                        help="ImageNet checkpoint of the cell's PE method (default: "
                        "<paths.runs>/train/<init_from cell>/seed<k>/checkpoint.pt)")
-        _add_device_arguments(t)
+        add_device_arguments(t)
         t.add_argument("--no-resume", action="store_true", help="fail if OUT/checkpoint.pt exists")
         t.add_argument("--eval-interval", type=int, default=None, metavar="ITERS",
                        help="evaluate every ITERS iterations (0: only at the end; default: the recipe's)")
@@ -57,21 +57,21 @@ def register(subparsers) -> None:
         e.add_argument("--checkpoint", required=True, type=Path, help=f"checkpoint.pt of `mpvg {task} train`")
         e.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the metrics JSON here")
         e.add_argument("--quiet", action="store_true", help="no progress bar")
-        _add_device_arguments(e)
+        add_device_arguments(e)
         e.set_defaults(func=_eval, task=task)
 
 
 def _train(args) -> int:
     from mpvg.config import params_from_args, resolve_run
     from mpvg.downstream.engine import DownstreamOptions, train
-    from mpvg.training.commands import _expected_errors, _fail, _tracking_settings
+    from mpvg.training.commands import expected_errors, fail, tracking_settings
     from mpvg.training.engine import NonFiniteLossError, Preempted
 
     command = f"{args.task} train"
     try:
         params = params_from_args(args)
         spec = resolve_run(params, args.cell)
-        uri, experiment = _tracking_settings(args, params)
+        uri, experiment = tracking_settings(args, params)
         opts = DownstreamOptions(
             out_dir=args.out or spec.run_dir(args.seed), seed=args.seed, device=args.device, amp=args.amp,
             pretrained=args.pretrained, resume=not args.no_resume, quiet=args.quiet, num_workers=args.workers,
@@ -82,9 +82,9 @@ def _train(args) -> int:
         print(f"mpvg {command}: {err}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", file=sys.stderr)
         return REQUEUE_EXIT_CODE
     except NonFiniteLossError as err:
-        return _fail(command, err, 1)
-    except _expected_errors() as err:
-        return _fail(command, err)
+        return fail(command, err, 1)
+    except expected_errors() as err:
+        return fail(command, err)
     return 0
 
 
@@ -92,14 +92,14 @@ def _eval(args) -> int:
     from mpvg.config import params_from_args, resolve_run
     from mpvg.downstream.engine import evaluate_checkpoint
     from mpvg.runinfo import write_json_atomic
-    from mpvg.training.commands import _expected_errors, _fail
+    from mpvg.training.commands import expected_errors, fail
 
     try:
         spec = resolve_run(params_from_args(args), args.cell)
         result = evaluate_checkpoint(spec, args.task, args.checkpoint, args.device, args.amp, args.workers,
                                      quiet=args.quiet)
-    except _expected_errors() as err:
-        return _fail(f"{args.task} eval", err)
+    except expected_errors() as err:
+        return fail(f"{args.task} eval", err)
     print(json.dumps(result, indent=2))
     if args.out is not None:
         write_json_atomic(args.out, result)

@@ -33,7 +33,7 @@ from mpvg import runinfo
 from mpvg.training import distributed
 from mpvg.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mpvg.training.engine import (EpochSampler, NonFiniteLossError, Preempted, SeededSamples, StopSignal,
-                                  _pe_dict, _progress, derive_seed, resolve_amp, run_logging, seed_everything, unwrap)
+                                  pe_dict, progress_bar, derive_seed, resolve_amp, run_logging, seed_everything, unwrap)
 
 log = logging.getLogger("mpvg.downstream")
 
@@ -326,7 +326,7 @@ def _single(batch):
 
 
 def _iter_progress(loader, desc: str, quiet: bool):
-    bar = _progress(len(loader), 0, desc, not quiet)
+    bar = progress_bar(len(loader), 0, desc, not quiet)
     for item in loader:
         yield item
         bar.update(1)
@@ -471,7 +471,7 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
     status, metrics = "FAILED", None
     try:
         it = start_it
-        pbar = _progress(total_iters, start_it, f"{task_name} {cell.id}", not opts.quiet and dist.is_main)
+        pbar = progress_bar(total_iters, start_it, f"{task_name} {cell.id}", not opts.quiet and dist.is_main)
         t0, pending, last_sync = time.time(), [], start_it
         while it < total_iters:
             epoch, step = divmod(it, ipe)
@@ -537,7 +537,7 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
         wall = elapsed_before + time.time() - job_start
         result = {
             "cell": cell.id, "stage": cell.stage, "task": cell.task, "model": cell.model, "method": cell.method,
-            "dataset": spec.dataset, "seed": seed, "scale": spec.scale, "pe": _pe_dict(_adapter_of(model).vit),
+            "dataset": spec.dataset, "seed": seed, "scale": spec.scale, "pe": pe_dict(_adapter_of(model).vit),
             "params": n_params, "metrics": {k: metrics[k] for k in task.metric_keys},
             "metrics_extra": {k: v for k, v in metrics.items() if k not in task.metric_keys},
             "epochs": math.ceil(total_iters / ipe), "iters": total_iters, "wall_time_s": round(wall, 3),

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
                    help="start from these weights (PE resized, head of another size dropped); "
                    "needed by fine-tuning cells")
-    _add_device_arguments(p)
+    add_device_arguments(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-resume", action="store_true", help="fail if OUT/checkpoint.pt exists instead of resuming")
     p.add_argument("--eval-every", type=int, default=1, metavar="N",
@@ -54,7 +54,7 @@ def register(subparsers) -> None:
     e.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt of `mpvg train`, or a state dict")
     e.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the metrics JSON here")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    _add_device_arguments(e)
+    add_device_arguments(e)
     e.set_defaults(func=_eval)
 
     t = subparsers.add_parser("tracking", help="MLflow store: create it before parallel jobs, upload offline runs",
@@ -70,26 +70,26 @@ def register(subparsers) -> None:
     ts.set_defaults(func=_tracking_sync)
 
 
-def _add_device_arguments(p: argparse.ArgumentParser) -> None:
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="autocast dtype (auto: bf16 on CUDA when the recipe says amp, none on CPU)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: the recipe's)")
 
 
-def _fail(command: str, err: BaseException, code: int = 2) -> int:
+def fail(command: str, err: BaseException, code: int = 2) -> int:
     print(f"mpvg {command}: error: {err}", file=sys.stderr)
     return code
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
+def expected_errors() -> tuple[type[BaseException], ...]:
     from mpvg.config import ConfigError
     from mpvg.data import DatasetError
 
     return ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError
 
 
-def _tracking_settings(args, params) -> tuple[str, str]:
+def tracking_settings(args, params) -> tuple[str, str]:
     from mpvg.runinfo import project_root
     from mpvg.tracking import experiment_name, resolve_tracking_uri
 
@@ -103,7 +103,7 @@ def _train(args) -> int:
     try:
         params = params_from_args(args)
         spec = resolve_run(params, args.cell)
-        uri, experiment = _tracking_settings(args, params)
+        uri, experiment = tracking_settings(args, params)
         opts = TrainOptions(
             out_dir=args.out or spec.run_dir(args.seed), seed=args.seed, device=args.device, amp=args.amp,
             compile=args.compile, init_from=args.init_from, resume=not args.no_resume, quiet=args.quiet,
@@ -114,9 +114,9 @@ def _train(args) -> int:
         print(f"mpvg train: {err}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", file=sys.stderr)
         return REQUEUE_EXIT_CODE
     except NonFiniteLossError as err:
-        return _fail("train", err, 1)
-    except _expected_errors() as err:
-        return _fail("train", err)
+        return fail("train", err, 1)
+    except expected_errors() as err:
+        return fail("train", err)
     return 0
 
 
@@ -128,8 +128,8 @@ def _eval(args) -> int:
     try:
         spec = resolve_run(params_from_args(args), args.cell)
         result = evaluate_checkpoint(spec, args.checkpoint, args.device, args.amp, args.ema, args.workers)
-    except _expected_errors() as err:
-        return _fail("eval", err)
+    except expected_errors() as err:
+        return fail("eval", err)
     print(json.dumps(result, indent=2))
     if args.out is not None:
         write_json_atomic(args.out, result)
@@ -141,10 +141,10 @@ def _tracking_init(args) -> int:
     from mpvg.tracking import init_store
 
     try:
-        uri, experiment = _tracking_settings(args, params_from_args(args))
+        uri, experiment = tracking_settings(args, params_from_args(args))
         exp_id = init_store(uri, experiment)
-    except _expected_errors() as err:
-        return _fail("tracking init", err)
+    except expected_errors() as err:
+        return fail("tracking init", err)
     print(f"tracking store {uri}: experiment {experiment!r} (id {exp_id}) ready")
     return 0
 
@@ -154,9 +154,9 @@ def _tracking_sync(args) -> int:
     from mpvg.tracking import sync
 
     try:
-        uri, experiment = _tracking_settings(args, params_from_args(args))
+        uri, experiment = tracking_settings(args, params_from_args(args))
         for run_dir in args.run_dirs:
             print(f"{run_dir}: uploaded as MLflow run {sync(run_dir, uri, experiment, args.force)} to {uri}")
-    except (*_expected_errors(), RuntimeError) as err:
-        return _fail("tracking sync", err)
+    except (*expected_errors(), RuntimeError) as err:
+        return fail("tracking sync", err)
     return 0

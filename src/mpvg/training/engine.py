@@ -320,7 +320,7 @@ def run_logging(out_dir: Path | None, is_main: bool):
             h.close()
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool):
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False,
@@ -337,7 +337,7 @@ def _count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _pe_dict(model: torch.nn.Module) -> dict | None:
+def pe_dict(model: torch.nn.Module) -> dict | None:
     cfg = getattr(model, "pe_cfg", None)
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None
 
@@ -512,7 +512,7 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
                 seed_everything(derive_seed(seed, epoch, dist.rank, start_step))
             if not per_step:
                 scheduler.step(epoch)
-            pbar = _progress(steps_per_epoch, start_step, f"epoch {epoch + 1}/{total_epochs}", not opts.quiet and dist.is_main)
+            pbar = progress_bar(steps_per_epoch, start_step, f"epoch {epoch + 1}/{total_epochs}", not opts.quiet and dist.is_main)
             t0, pending, loss_sum, loss_n, last_sync = time.time(), [], 0.0, 0, start_step
             stopped_at = None
             for step, (images, targets) in enumerate(train_loader, start=start_step):
@@ -585,7 +585,7 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
         wall = elapsed_before + time.time() - job_start
         result = {
             "cell": cell.id, "stage": cell.stage, "task": cell.task, "model": cell.model, "method": cell.method,
-            "dataset": spec.dataset, "seed": seed, "scale": spec.scale, "pe": _pe_dict(model), "params": n_params,
+            "dataset": spec.dataset, "seed": seed, "scale": spec.scale, "pe": pe_dict(model), "params": n_params,
             "metrics": val, **({"metrics_ema": metrics_ema} if metrics_ema else {}),
             "epochs": total_epochs, "wall_time_s": round(wall, 3),
             **runinfo.compute_hours(wall, device.type, dist.world_size),
