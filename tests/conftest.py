@@ -61,3 +61,14 @@ def slurm_cluster():
     yield
     if not was_up:
         subprocess.run([str(SLURM_SCRIPT), "down"], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread: on a busy 2-core machine two threads per test ran up to 20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
-from test_training import (CELL, assert_same_weights, cli_env, one_thread, reference, tiny_data,  # noqa: F401
+from test_training import (CELL, assert_same_weights, cli_env, reference, tiny_data,  # noqa: F401
                            weights)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(reference, tmp_path):

@@ -33,12 +33,7 @@ TINY_ARCH = dict(embed_dim=48, depth=12, num_heads=3, patch_size=8)  # params.ya
 METHODS = ("default", "lape", "pvg", "mpvg")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_adapter(method="mpvg", pretrained=None, **kw):

@@ -7,8 +7,10 @@ import socket
 
 import pytest
 
-from test_training import (CELL, EPOCHS, make_spec, one_thread, tiny_data, train_in_process,  # noqa: F401
+from test_training import (CELL, EPOCHS, make_spec, tiny_data, train_in_process,  # noqa: F401
                            write_params)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def closed_port() -> int:

@@ -87,12 +87,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
             assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +105,7 @@ def reference(tmp_path_factory, tiny_data):
     folder = tmp_path_factory.mktemp("reference")
     params = write_params(folder, tiny_data)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # session fixtures start before the autouse one_thread
+    torch.set_num_threads(1)  # session fixtures start before the one_torch_thread fixture
     try:
         result = train_in_process(params, folder / "run")
     finally:
