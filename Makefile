@@ -13,7 +13,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.mpvg-installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help env demo test test-slow slurm-up slurm-down dvc-yaml cost clean-demo
+.PHONY: help env demo test test-slow latex slurm-up slurm-down dvc-yaml cost clean-demo
 
 help:
 	@sed -n 2,4p Makefile
@@ -34,8 +34,16 @@ demo: env
 	echo "demo: DAG done in $$(( $$(date +%s) - start )) s; tables in reports/ (reports/README.md)"; \
 	echo "demo: MLflow runs: mlflow ui --backend-store-uri sqlite:///mlruns.db"
 
-test: env
+test: env latex
 	pytest
+
+# pdflatex for the test that compiles the report's LaTeX tables (Debian packages; best effort:
+# without it that test skips after its structural check).
+latex:
+	@command -v pdflatex >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    texlive-latex-base texlive-latex-recommended >/dev/null; } ; } || \
+	  echo "make: pdflatex not installed; the LaTeX compile test will skip"
 
 test-slow: env
 	pytest -m slow
