@@ -72,6 +72,24 @@ def compute_hours(wall_time_s: float, device_type: str, world_size: int) -> dict
     }
 
 
+def result_record(spec, seed: int, *, pe: dict, params: int, measured: dict, wall_time_s: float,
+                  device_type: str, world_size: int, checkpoint, mlflow_run_id: str | None,
+                  init_from, history: list) -> dict:
+    """The ``result.json`` of a finished run (docs/contracts.md): the cell's identity, what the
+    job measured (``measured``: metrics, epochs, ...), and where and how it ran. One record for
+    classification and downstream jobs, so the report reads the same fields from both."""
+    cell = spec.cell
+    return {
+        "cell": cell.id, "stage": cell.stage, "task": cell.task, "model": cell.model, "method": cell.method,
+        "dataset": spec.dataset, "seed": seed, "scale": spec.scale, "pe": pe, "params": params,
+        **measured, "wall_time_s": round(wall_time_s, 3),
+        **compute_hours(wall_time_s, device_type, world_size),
+        "device": device_type, "world_size": world_size, "git_commit": git_commit(),
+        "checkpoint": str(checkpoint), "mlflow_run_id": mlflow_run_id, "slurm_job_id": slurm_job_id(),
+        "init_from": str(init_from) if init_from else None, "tables": list(cell.tables), "history": history,
+    }
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Write ``path`` all at once: a temporary file in the same folder, flushed and fsynced,

@@ -7,7 +7,6 @@ SIGTERM/SIGUSR1 after saving a checkpoint (the same command resumes).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from mpvg.training import REQUEUE_EXIT_CODE
@@ -64,11 +63,9 @@ def register(subparsers) -> None:
 def _train(args) -> int:
     from mpvg.config import params_from_args, resolve_run
     from mpvg.downstream.engine import DownstreamOptions, train
-    from mpvg.training.commands import expected_errors, fail, tracking_settings
-    from mpvg.training.engine import NonFiniteLossError, Preempted
+    from mpvg.training.commands import run_training_job, tracking_settings
 
-    command = f"{args.task} train"
-    try:
+    def job():
         params = params_from_args(args)
         spec = resolve_run(params, args.cell)
         uri, experiment = tracking_settings(args, params)
@@ -78,14 +75,8 @@ def _train(args) -> int:
             log_interval=max(1, args.log_interval), eval_interval=args.eval_interval,
             tracking_uri=None if args.no_tracking else uri, experiment=experiment)
         train(spec, args.task, opts)
-    except Preempted as err:
-        print(f"mpvg {command}: {err}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", file=sys.stderr)
-        return REQUEUE_EXIT_CODE
-    except NonFiniteLossError as err:
-        return fail(command, err, 1)
-    except expected_errors() as err:
-        return fail(command, err)
-    return 0
+
+    return run_training_job(f"{args.task} train", job)
 
 
 def _eval(args) -> int:

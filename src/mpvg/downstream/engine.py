@@ -535,17 +535,13 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
             metrics = run_eval(total_iters)
             checkpoint(total_iters)  # the final evaluation goes into the checkpoint's history
         wall = elapsed_before + time.time() - job_start
-        result = {
-            "cell": cell.id, "stage": cell.stage, "task": cell.task, "model": cell.model, "method": cell.method,
-            "dataset": spec.dataset, "seed": seed, "scale": spec.scale, "pe": pe_dict(_adapter_of(model).vit),
-            "params": n_params, "metrics": {k: metrics[k] for k in task.metric_keys},
-            "metrics_extra": {k: v for k, v in metrics.items() if k not in task.metric_keys},
-            "epochs": math.ceil(total_iters / ipe), "iters": total_iters, "wall_time_s": round(wall, 3),
-            **runinfo.compute_hours(wall, device.type, dist.world_size),
-            "device": device.type, "world_size": dist.world_size, "git_commit": runinfo.git_commit(),
-            "checkpoint": str(ckpt_path), "mlflow_run_id": run_id, "slurm_job_id": runinfo.slurm_job_id(),
-            "init_from": str(pretrained_path), "tables": list(cell.tables), "history": history,
-        }
+        result = runinfo.result_record(
+            spec, seed, pe=pe_dict(_adapter_of(model).vit), params=n_params,
+            measured={"metrics": {k: metrics[k] for k in task.metric_keys},
+                      "metrics_extra": {k: v for k, v in metrics.items() if k not in task.metric_keys},
+                      "epochs": math.ceil(total_iters / ipe), "iters": total_iters},
+            wall_time_s=wall, device_type=device.type, world_size=dist.world_size, checkpoint=ckpt_path,
+            mlflow_run_id=run_id, init_from=pretrained_path, history=history)
         if dist.is_main:
             tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=total_iters)
             runinfo.write_json_atomic(out / "result.json", result)

@@ -96,11 +96,29 @@ def tracking_settings(args, params) -> tuple[str, str]:
     return resolve_tracking_uri(params, project_root(Path(args.params).resolve().parent)), experiment_name(params)
 
 
-def _train(args) -> int:
-    from mpvg.config import params_from_args, resolve_run
-    from mpvg.training.engine import NonFiniteLossError, Preempted, TrainOptions, train
+def run_training_job(command: str, job) -> int:
+    """Run ``job()`` (a training job of ``mpvg train`` or ``mpvg detect|segment train``) and turn
+    its outcome into the exit code the workflow acts on: 0 done, REQUEUE_EXIT_CODE preempted after
+    a checkpoint, 1 non-finite loss, 2 bad config/data/arguments."""
+    from mpvg.training.engine import NonFiniteLossError, Preempted
 
     try:
+        job()
+    except Preempted as err:
+        print(f"mpvg {command}: {err}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
+    except NonFiniteLossError as err:
+        return fail(command, err, 1)
+    except expected_errors() as err:
+        return fail(command, err)
+    return 0
+
+
+def _train(args) -> int:
+    from mpvg.config import params_from_args, resolve_run
+    from mpvg.training.engine import TrainOptions, train
+
+    def job():
         params = params_from_args(args)
         spec = resolve_run(params, args.cell)
         uri, experiment = tracking_settings(args, params)
@@ -110,14 +128,8 @@ def _train(args) -> int:
             eval_every=args.eval_every, num_workers=args.workers, log_interval=max(1, args.log_interval),
             log_checkpoint=args.log_checkpoint, tracking_uri=None if args.no_tracking else uri, experiment=experiment)
         train(spec, opts)
-    except Preempted as err:
-        print(f"mpvg train: {err}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", file=sys.stderr)
-        return REQUEUE_EXIT_CODE
-    except NonFiniteLossError as err:
-        return fail("train", err, 1)
-    except expected_errors() as err:
-        return fail("train", err)
-    return 0
+
+    return run_training_job("train", job)
 
 
 def _eval(args) -> int:

@@ -583,17 +583,12 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
             val = evaluate(model, val_loader, device, amp_dtype)
         metrics_ema = evaluate(ema.module, val_loader, device, amp_dtype) if ema is not None else None
         wall = elapsed_before + time.time() - job_start
-        result = {
-            "cell": cell.id, "stage": cell.stage, "task": cell.task, "model": cell.model, "method": cell.method,
-            "dataset": spec.dataset, "seed": seed, "scale": spec.scale, "pe": pe_dict(model), "params": n_params,
-            "metrics": val, **({"metrics_ema": metrics_ema} if metrics_ema else {}),
-            "epochs": total_epochs, "wall_time_s": round(wall, 3),
-            **runinfo.compute_hours(wall, device.type, dist.world_size),
-            "device": device.type, "world_size": dist.world_size, "git_commit": runinfo.git_commit(),
-            "checkpoint": str(ckpt_path), "mlflow_run_id": run_id, "slurm_job_id": runinfo.slurm_job_id(),
-            "init_from": str(opts.init_from) if opts.init_from else None, "tables": list(cell.tables),
-            "history": history,
-        }
+        result = runinfo.result_record(
+            spec, seed, pe=pe_dict(model), params=n_params,
+            measured={"metrics": val, **({"metrics_ema": metrics_ema} if metrics_ema else {}),
+                      "epochs": total_epochs},
+            wall_time_s=wall, device_type=device.type, world_size=dist.world_size, checkpoint=ckpt_path,
+            mlflow_run_id=run_id, init_from=opts.init_from, history=history)
         if dist.is_main:
             card = out / "model_card.md"
             card.write_text(model_card(result, recipe, spec.model_name, spec.model_kwargs))
