@@ -59,11 +59,8 @@ def randomize_norms(model: nn.Module) -> None:
 # exact counts (1000 classes, 224x224) and the paper's Table 1 values
 CEIT_COUNTS = {"default": (6_356_904, 6.356), "lape": (6_361_512, 6.361),
                "pvg": (6_361_128, 6.361), "mpvg": (6_361_512, 6.361)}
-SWIN_COUNTS = {"default": (28_589_410, 28.589), "lape": (28_598_242, 28.599),
+SWIN_COUNTS = {"default": (28_589_410, 28.589), "lape": (28_599_586, 28.599),
                "pvg": (28_598_242, 28.598), "mpvg": (28_599_778, 28.599)}
-# The one documented Swin exception (docs/models-ceit-swin.md): LaPE has PVG's LN' (one per
-# block, layer 0 included) and nothing else, so it prints 28.598 where the paper has 28.599.
-SWIN_EXCEPTIONS = {"lape": 28.598}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -77,11 +74,7 @@ def test_ceit_params_match_table1(method):
 def test_swin_params_match_table1(method):
     count, paper = SWIN_COUNTS[method]
     assert n_params(meta_model(SWIN, pe_method=method)) == count
-    if method in SWIN_EXCEPTIONS:
-        assert table_value(count) == SWIN_EXCEPTIONS[method]
-        assert abs(table_value(count) - paper) <= 0.0015 and abs(count / 1e6 - paper) <= 0.0015
-    else:
-        assert table_value(count) == paper
+    assert table_value(count) == paper
 
 
 def test_swin_params_arithmetic():
@@ -93,6 +86,11 @@ def test_swin_params_arithmetic():
     assert SWIN_COUNTS["default"][0] == timm_swin + ape
     assert SWIN_COUNTS["pvg"][0] == timm_swin + ape + ln_prime
     assert SWIN_COUNTS["mpvg"][0] == timm_swin + ape + ln_prime + 2 * 768
+    # LaPE: the PE's own LN' before each of the three patch mergings, at 96, 192 and 384
+    assert SWIN_COUNTS["lape"][0] == timm_swin + ape + ln_prime + 2 * (96 + 192 + 384)
+    # without them LaPE would count as PVG (28.598, not the paper's 28.599)
+    shared = meta_model(SWIN, pe_method="lape", pe_overrides={"independent_merge_ln": False})
+    assert n_params(shared) == SWIN_COUNTS["pvg"][0]
 
 
 def test_swin_pvg_includes_layer0_unless_overridden():
@@ -161,10 +159,23 @@ def ceit_reference(m: CeiT, img: torch.Tensor, method: str, overrides: dict) -> 
     return m.head(y)
 
 
+def original_concat_2x2(x: torch.Tensor) -> torch.Tensor:
+    """The original Swin code's PatchMerging concatenation (even sizes): x0, x1, x2, x3."""
+    return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+
+
 def swin_reference(m: SwinTransformerPE, img: torch.Tensor, method: str, overrides: dict) -> torch.Tensor:
     """Swin logits recomputed with the model's own weights: one LN' per block (layer 0 included),
-    the PE carried across stages by each stage's PatchMerging, LN'_last at the last stage."""
+    LN'_last at the last stage, the PE carried across stages by each stage's PatchMerging (PVG,
+    MPVG) or, for LaPE, by an LN' of its own then the merge's concatenation and reduction."""
     hierarchical = overrides.get("hierarchical", True)
+
+    def cross(s: int, q: torch.Tensor) -> torch.Tensor:
+        merge = m.layers[s].downsample
+        if method != "lape":
+            return merge(q)
+        return merge.reduction(original_concat_2x2(ln(m.pe.merge_norms[s - 1], q)))
+
     x = m.patch_embed(img)
     B, H, W, C = x.shape
     pos0 = m.absolute_pos_embed.reshape(1, H, W, C)
@@ -175,7 +186,7 @@ def swin_reference(m: SwinTransformerPE, img: torch.Tensor, method: str, overrid
     for s, stage in enumerate(m.layers):
         x = stage.downsample(x)
         if s > 0:
-            p, base = stage.downsample(p), stage.downsample(base)
+            p, base = cross(s, p), cross(s, base)
         for j, blk in enumerate(stage.blocks):
             if method == "default":
                 h = blk.norm1(x)
@@ -189,8 +200,8 @@ def swin_reference(m: SwinTransformerPE, img: torch.Tensor, method: str, overrid
     y = m.norm(x)
     if method == "mpvg":
         q, s = chain[overrides.get("last_ln_pe", 0)]
-        for stage in m.layers[s + 1:]:
-            q = stage.downsample(q)
+        for t in range(s + 1, len(m.layers)):
+            q = cross(t, q)
         y = y + ln(m.pe.last_norm, q)
     return m.head.fc(y.mean(dim=(1, 2)))
 
@@ -198,7 +209,8 @@ def swin_reference(m: SwinTransformerPE, img: torch.Tensor, method: str, overrid
 REFERENCE_CASES = [
     (CEIT, "default", {}), (CEIT, "lape", {}), (CEIT, "pvg", {}), (CEIT, "mpvg", {}),
     (CEIT, "mpvg", {"last_ln_pe": 2}),
-    (SWIN, "default", {}), (SWIN, "lape", {}), (SWIN, "pvg", {}), (SWIN, "mpvg", {}),
+    (SWIN, "default", {}), (SWIN, "lape", {}), (SWIN, "lape", {"hierarchical": False}),
+    (SWIN, "pvg", {}), (SWIN, "mpvg", {}),
     (SWIN, "mpvg", {"last_ln_pe": 3}), (SWIN, "mpvg", {"hierarchical": False, "last_ln_pe": 4}),
 ]
 

@@ -23,7 +23,8 @@ DATASETS = ("imagenet", "cifar100", "coco", "ade20k")
 PE_OVERRIDE_TYPES = {"pool": {"enum": ["token", "avg"]}, "layerwise": {"type": "boolean"},
                      "include_layer0": {"type": "boolean"}, "hierarchical": {"type": "boolean"},
                      "add_at_input": {"type": "boolean"},
-                     "last_ln_pe": {"type": ["integer", "null"], "minimum": 0}}
+                     "last_ln_pe": {"type": ["integer", "null"], "minimum": 0},
+                     "independent_merge_ln": {"type": "boolean"}}
 CLASSIFICATION_RECIPES_KIND = "classification"
 
 

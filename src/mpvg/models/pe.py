@@ -46,6 +46,13 @@ class PEConfig:
         last_ln_pe: ``None`` for no PE at the Last LN; ``k`` to add ``LN'_last(pos_k)``
             after the Last LN (Eq. 11 uses ``k = 0``; Table 5 uses 0, 5, 8, 11), where
             ``pos_k`` is the output of the k-th LN' of the chain (``pos_0`` is the raw PE).
+        independent_merge_ln: staged models only (Swin; the ViT family has no merging and
+            ignores it).  Where the PE crosses a patch merging it goes through an LN' of its
+            own at the stage's width, then the merge's 2x2 concatenation and linear
+            reduction, instead of through the merge's token LN.  LaPE: yes (its rule that
+            the PE never shares an LN's affine parameters with the tokens); PVG/MPVG: no
+            (they add the PE to the tokens and let it share the token path).  See
+            docs/models-ceit-swin.md.
     """
 
     pool: str = "token"
@@ -54,6 +61,7 @@ class PEConfig:
     hierarchical: bool = True
     add_at_input: bool = True
     last_ln_pe: Optional[int] = None
+    independent_merge_ln: bool = False
 
     def __post_init__(self):
         if self.pool not in ("token", "avg"):
@@ -82,7 +90,8 @@ def pe_config(method: str | PEConfig, default_pool: str = "token", **overrides) 
     if key == "default":
         cfg = PEConfig(pool=default_pool)
     elif key == "lape":
-        cfg = PEConfig(pool=default_pool, layerwise=True, include_layer0=True, add_at_input=False)
+        cfg = PEConfig(pool=default_pool, layerwise=True, include_layer0=True, add_at_input=False,
+                       independent_merge_ln=True)
     elif key == "pvg":
         cfg = PEConfig(pool="avg", layerwise=True, include_layer0=False, add_at_input=True)
     elif key == "mpvg":

@@ -5,25 +5,28 @@ timm's Swin weights load; only ``absolute_pos_embed`` and ``pe.*`` are new):
 
 * Default = Swin-T with the original code's ``ape=True``: a learnable ``(1, H0*W0, C0)`` PE
   added after the patch embedding (28,288,354 + 3136*96 = 28,589,410 -> 28.589, Table 1).
-* The LN' chain runs block by block over all stages (``pos_0`` at stage 1's grid and width).
-  At a stage boundary the current PE goes through that stage's own PatchMerging (the module
-  that merges the tokens, so no parameter is added): it halves the grid and doubles the
-  width exactly as for the tokens.  Each block that receives PE owns one LN' at its stage's
-  width: 2*(2*96 + 2*192 + 6*384 + 2*768) = 8,832 parameters.
+* The LN' chain runs block by block over all stages (``pos_0`` at stage 1's grid and width);
+  each block that receives PE owns one LN' at its stage's width:
+  2*(2*96 + 2*192 + 6*384 + 2*768) = 8,832 parameters.
+* At a stage boundary the PE crosses that stage's own PatchMerging, which halves the grid and
+  doubles the width exactly as for the tokens.  PVG/MPVG send it through the whole merge (no
+  parameter added: they already share the token path, x + PE).  LaPE keeps its rule that the
+  PE never goes through an LN shared with the tokens: the PE gets an LN' of its own at the
+  width it leaves, then the merge's 2x2 concatenation and linear reduction
+  (``PEConfig.independent_merge_ln``): 2*(96 + 192 + 384) = 1,344 parameters.
 * PVG/MPVG include layer 0 for Swin (paper: "both PVG and MPVG exceptionally include layer
   0"); the factory sets ``include_layer0=True`` for these names unless ``pe_overrides`` says
   otherwise.
 * MPVG's ``LN'_last(pos_k)`` is taken at the last stage: ``pos_k`` is carried through the
   remaining PatchMergings to the final grid and width, then LN'_last (768: +1,536).
 
-Counts (1000 classes, 224): Default 28,589,410 (28.589); LaPE 28,598,242 (28.598, paper
-28.599: the one documented exception, 758 parameters under the paper's lower bound);
-PVG 28,598,242 (28.598); MPVG 28,599,778 (28.599).  docs/models-ceit-swin.md has the
-arithmetic and the alternatives that were rejected.
+Counts (1000 classes, 224), all equal to Table 1 as floor(count/1e3)/1e3: Default 28,589,410
+(28.589); LaPE 28,599,586 (28.599); PVG 28,598,242 (28.598); MPVG 28,599,778 (28.599).
+docs/models-ceit-swin.md has the arithmetic and the alternatives that were rejected.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -35,7 +38,16 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from .ceit import _no_pretrained
 from .pe import LayerwisePE, PEConfig, pe_config
 
-__all__ = ["PESwinBlock", "StagewisePE", "SwinTransformerPE", "mpvg_swin_tiny_patch4_window7_224"]
+__all__ = ["concat_2x2", "PESwinBlock", "StagewisePE", "SwinTransformerPE", "mpvg_swin_tiny_patch4_window7_224"]
+
+
+def concat_2x2(x: torch.Tensor) -> torch.Tensor:
+    """PatchMerging's concatenation of each 2x2 neighbourhood, in timm's channel order (odd
+    sizes zero-padded): ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), 4C)``."""
+    B, H, W, C = x.shape
+    x = nn.functional.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    _, H, W, _ = x.shape
+    return x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
 
 
 class PESwinBlock(SwinTransformerBlock):
@@ -73,21 +85,37 @@ class StagewisePE(nn.Module):
             for s, (d, dim) in enumerate(zip(depths, dims)))
         self.receives = [r for st in self.stages for r in st.receives]
         self.last_norm = norm_layer(dims[-1]) if cfg.last_ln_pe is not None else None
+        # LaPE: the PE's own LN' before each patch merging, at the width it leaves (PEConfig).
+        self.merge_norms = None
+        if cfg.independent_merge_ln and (cfg.layerwise or cfg.last_ln_pe is not None):
+            self.merge_norms = nn.ModuleList(norm_layer(dim) for dim in dims[:-1])
         if cfg.last_ln_pe is not None and cfg.last_ln_pe > sum(self.receives):
             raise ValueError(f"last_ln_pe={cfg.last_ln_pe} but the PE chain has only {sum(self.receives) + 1} "
                              f"entries (pos_0 and {sum(self.receives)} LN')")
 
-    def forward(self, pos0: torch.Tensor, merges: Sequence[Callable[[torch.Tensor], torch.Tensor]]):
-        """``pos0``: ``(1, H, W, C)`` at stage 1; ``merges[s]`` maps stage ``s-1``'s PE to stage
-        ``s`` (``merges[0]`` is unused)."""
+    def merge(self, s: int, p: torch.Tensor, merges: Sequence[nn.Module]) -> torch.Tensor:
+        """Carry the PE ``p`` from stage ``s-1`` to stage ``s`` through ``merges[s]``: the whole
+        merge (its token LN included), or, with ``independent_merge_ln``, the PE's own LN' then
+        the merge's 2x2 concatenation and linear reduction."""
+        if self.merge_norms is None:
+            return merges[s](p)
+        reduction = getattr(merges[s], "reduction", None)
+        if not isinstance(reduction, nn.Module):
+            raise TypeError(f"independent_merge_ln needs a patch merging with a 'reduction' layer at stage {s}, "
+                            f"got {type(merges[s]).__name__}")
+        return reduction(concat_2x2(self.merge_norms[s - 1](p)))
+
+    def forward(self, pos0: torch.Tensor, merges: Sequence[nn.Module]):
+        """``pos0``: ``(1, H, W, C)`` at stage 1; ``merges[s]`` (a PatchMerging) maps stage
+        ``s-1``'s PE to stage ``s`` (``merges[0]`` is unused)."""
         if not any(self.receives) and self.last_norm is None:
             return [None] * len(self.receives), None
         terms: List[Optional[torch.Tensor]] = []
         chain = [(pos0, 0)]  # (entry, stage it lives at)
         cur = pos0           # what the next stage's chain starts from
-        for s, (stage_pe, merge) in enumerate(zip(self.stages, merges)):
+        for s, stage_pe in enumerate(self.stages):
             if s > 0:
-                cur = merge(cur)
+                cur = self.merge(s, cur, merges)
             stage_terms, _ = stage_pe(cur)
             applied = [t for t in stage_terms if t is not None]
             chain += [(t, s) for t in applied]
@@ -97,8 +125,8 @@ class StagewisePE(nn.Module):
         last = None
         if self.last_norm is not None:
             p, s = chain[self.cfg.last_ln_pe]
-            for merge in merges[s + 1:]:
-                p = merge(p)
+            for t in range(s + 1, len(self.stages)):
+                p = self.merge(t, p, merges)
             last = self.last_norm(p)
         return terms, last
 
