@@ -33,7 +33,8 @@ from mpvg import runinfo
 from mpvg.training import distributed
 from mpvg.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mpvg.training.engine import (EpochSampler, NonFiniteLossError, Preempted, SeededSamples, StopSignal,
-                                  pe_dict, progress_bar, derive_seed, resolve_amp, run_logging, seed_everything, unwrap)
+                                  pe_dict, progress_bar, derive_seed, publish_result, resolve_amp, run_logging,
+                                  seed_everything, unwrap)
 
 log = logging.getLogger("mpvg.downstream")
 
@@ -543,9 +544,7 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
             wall_time_s=wall, device_type=device.type, world_size=dist.world_size, checkpoint=ckpt_path,
             mlflow_run_id=run_id, init_from=pretrained_path, history=history)
         if dist.is_main:
-            tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=total_iters)
-            runinfo.write_json_atomic(out / "result.json", result)
-            tracker.log_artifact(out / "result.json")
+            publish_result(tracker, out, result, metrics, total_iters)
             log.info("done: %s seed %d  %s  (%.1f s) -> %s", cell.id, seed,
                      "  ".join(f"{k} {metrics[k]:.2f}" for k in task.metric_keys), wall, out / "result.json")
         status = "FINISHED"

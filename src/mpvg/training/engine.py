@@ -343,6 +343,14 @@ def pe_dict(model: torch.nn.Module) -> dict | None:
 
 
 # ------------------------------------------------------------------------------ training
+def publish_result(tracker, out: Path, result: dict, final_metrics: Mapping[str, float], step: int) -> None:
+    """Main process, end of a run: the ``final_*`` metrics to MLflow, then ``result.json``
+    (written atomically: its presence means the run finished) and its MLflow copy."""
+    tracker.log_metrics({f"final_{k}": v for k, v in final_metrics.items()}, step=step)
+    runinfo.write_json_atomic(out / "result.json", result)
+    tracker.log_artifact(out / "result.json")
+
+
 def train(spec, opts: TrainOptions) -> dict[str, Any]:
     """Train one classification cell for one seed; return the result written to result.json.
 
@@ -592,12 +600,10 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
         if dist.is_main:
             card = out / "model_card.md"
             card.write_text(model_card(result, recipe, spec.model_name, spec.model_kwargs))
-            tracker.log_metrics({f"final_{k}": v for k, v in val.items()}, step=total_epochs)
             tracker.log_artifact(card)
             if opts.log_checkpoint:
                 tracker.log_artifact(ckpt_path, "checkpoint")
-            runinfo.write_json_atomic(out / "result.json", result)
-            tracker.log_artifact(out / "result.json")
+            publish_result(tracker, out, result, val, total_epochs)
             log.info("done: %s seed %d  top1 %.2f  top5 %.2f  loss %.4f  (%.1f s) -> %s", cell.id, seed,
                      val["top1"], val["top5"], val["loss"], wall, out / "result.json")
         status = "FINISHED"
