@@ -302,14 +302,16 @@ def test_forward_analysis_and_last_ln_term(name, tiny):
     assert timm.create_model(name, pe_method="pvg", **tiny).last_ln_pe_term() is None
 
 
-def test_ceit_mpvg_folds_into_the_head_bias():
+@pytest.mark.parametrize("name,tiny", [(CEIT, CEIT_TINY), (SWIN, SWIN_TINY)])
+def test_mpvg_folds_into_the_head_bias(name, tiny):
     from mpvg.models.fold import fold_last_ln_pe
 
     torch.manual_seed(0)
-    m = timm.create_model(CEIT, pe_method="mpvg", **CEIT_TINY).eval()
+    m = timm.create_model(name, pe_method="mpvg", **tiny).eval()
     randomize_norms(m)
     folded = fold_last_ln_pe(m)
-    assert folded.pe.last_norm is None
+    assert folded.pe.last_norm is None and m.pe.last_norm is not None
+    assert not torch.equal(folded.get_classifier().bias, m.get_classifier().bias)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), m(x), rtol=1e-5, atol=1e-5)

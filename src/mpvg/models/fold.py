@@ -6,10 +6,10 @@ trained model, so an inference copy can drop ``LN'_last`` and add ``W @ mean_t(L
 to the head bias (with a class token the pooled row is the class token's).  The constant
 depends on the token grid, so the folded copy refuses other input resolutions.
 
-A model supports folding when it has ``pe`` (:class:`~mpvg.models.pe.LayerwisePE`), a linear
-``head``, ``pool(x)`` (the pooling of ``forward_head`` on ``(B, N, D)`` tokens) and
-``last_ln_pe_term()`` (the ``(1, N, D)`` Last-LN PE at the build resolution), as
-:class:`~mpvg.models.vit.MPVGVisionTransformer` does.
+A model supports folding when it has ``pe`` (with ``last_norm``), a linear classifier
+(timm's ``get_classifier()``: ``head`` for the ViT family and CeiT, ``head.fc`` for Swin),
+``pool(x)`` (the pooling of ``forward_head`` on ``(B, N, D)`` tokens) and ``last_ln_pe_term()``
+(the ``(1, N, D)`` Last-LN PE at the build resolution), as every model of the package does.
 """
 from __future__ import annotations
 
@@ -19,9 +19,14 @@ import torch
 from torch import nn
 
 
+def _classifier(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_classifier", None)
+    return get() if callable(get) else getattr(model, "head", None)
+
+
 def can_fold(model: nn.Module) -> bool:
     pe = getattr(model, "pe", None)
-    return (getattr(pe, "last_norm", None) is not None and isinstance(getattr(model, "head", None), nn.Linear)
+    return (getattr(pe, "last_norm", None) is not None and isinstance(_classifier(model), nn.Linear)
             and hasattr(model, "pool") and hasattr(model, "last_ln_pe_term"))
 
 
@@ -41,8 +46,8 @@ def fold_last_ln_pe(model: nn.Module) -> nn.Module:
                         "pool() and last_ln_pe_term())")
     folded = copy.deepcopy(model).eval()
     term = folded.last_ln_pe_term()  # (1, N[+1], D)
-    pooled = folded.pool(term)[0].to(folded.head.weight.dtype)  # (D,)
-    head = folded.head
+    head = _classifier(folded)
+    pooled = folded.pool(term)[0].to(head.weight.dtype)  # (D,)
     shift = head.weight @ pooled
     if head.bias is None:
         head.bias = nn.Parameter(shift.clone())
