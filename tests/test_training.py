@@ -365,3 +365,25 @@ def test_t2t_finetunes_on_cifar_from_its_imagenet_checkpoint(tiny_data, tmp_path
     result = json.loads((tmp_path / "c100" / "result.json").read_text())
     assert result["stage"] == "finetune" and result["init_from"].endswith("in1k/checkpoint.pt")
     assert result["metrics"]["top1"] > 20, result["metrics"]
+
+
+def test_ending_run_closes_the_run_with_the_right_status():
+    from mpvg.training.engine import Preempted, ending_run
+
+    class Tracker:
+        def __init__(self):
+            self.statuses = []
+
+        def finish(self, status):
+            self.statuses.append(status)
+
+    t = Tracker()
+    with ending_run(t):
+        pass
+    with pytest.raises(Preempted):
+        with ending_run(t):
+            raise Preempted("signal")
+    with pytest.raises(ValueError):
+        with ending_run(t):
+            raise ValueError("bad")
+    assert t.statuses == ["FINISHED", "KILLED", "FAILED"]

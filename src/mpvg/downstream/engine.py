@@ -33,8 +33,8 @@ from mpvg import runinfo
 from mpvg.training import distributed
 from mpvg.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mpvg.training.engine import (EpochSampler, NonFiniteLossError, Preempted, SeededSamples, StopSignal,
-                                  pe_dict, progress_bar, derive_seed, publish_result, resolve_amp, run_logging,
-                                  seed_everything, unwrap)
+                                  derive_seed, ending_run, pe_dict, progress_bar, publish_result, resolve_amp,
+                                  run_logging, seed_everything, unwrap)
 
 log = logging.getLogger("mpvg.downstream")
 
@@ -469,8 +469,8 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
     log.info("%s %s seed %d: %.2fM params, %d iterations (%d per epoch), batch %d (%d per process), lr %.3g, "
              "pretrained %s", task_name, cell.id, seed, n_params / 1e6, total_iters, ipe, global_batch,
              local_batch, recipe["lr"], pretrained_path)
-    status, metrics = "FAILED", None
-    try:
+    metrics = None
+    with ending_run(tracker):
         it = start_it
         pbar = progress_bar(total_iters, start_it, f"{task_name} {cell.id}", not opts.quiet and dist.is_main)
         t0, pending, last_sync = time.time(), [], start_it
@@ -547,13 +547,7 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
             publish_result(tracker, out, result, metrics, total_iters)
             log.info("done: %s seed %d  %s  (%.1f s) -> %s", cell.id, seed,
                      "  ".join(f"{k} {metrics[k]:.2f}" for k in task.metric_keys), wall, out / "result.json")
-        status = "FINISHED"
         return result
-    except Preempted:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish(status)
 
 
 def _adapter_of(model: torch.nn.Module):

@@ -343,6 +343,21 @@ def pe_dict(model: torch.nn.Module) -> dict | None:
 
 
 # ------------------------------------------------------------------------------ training
+@contextlib.contextmanager
+def ending_run(tracker):
+    """Close the tracker's run when the block ends: FINISHED, KILLED (:class:`Preempted`, to be
+    resumed) or FAILED (any other error, which propagates)."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except Preempted:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+
+
 def publish_result(tracker, out: Path, result: dict, final_metrics: Mapping[str, float], step: int) -> None:
     """Main process, end of a run: the ``final_*`` metrics to MLflow, then ``result.json``
     (written atomically: its presence means the run finished) and its MLflow copy."""
@@ -507,8 +522,7 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
              cell.id, spec.model_name, n_params / 1e6, total_epochs, steps_per_epoch, global_batch, local_batch,
              recipe["lr"])
     val: dict[str, float] | None = None
-    status = "FAILED"
-    try:
+    with ending_run(tracker):
         for epoch in range(start_epoch, total_epochs):
             # ---- one epoch of training ----
             train_model.train()
@@ -606,13 +620,7 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
             publish_result(tracker, out, result, val, total_epochs)
             log.info("done: %s seed %d  top1 %.2f  top5 %.2f  loss %.4f  (%.1f s) -> %s", cell.id, seed,
                      val["top1"], val["top5"], val["loss"], wall, out / "result.json")
-        status = "FINISHED"
         return result
-    except Preempted:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish(status)
 
 
 def evaluate_checkpoint(spec, checkpoint: str | os.PathLike, device: str = "auto", amp: str = "auto",
