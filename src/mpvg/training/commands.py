@@ -58,6 +58,21 @@ def register(subparsers) -> None:
     add_device_arguments(e)
     e.set_defaults(func=_eval)
 
+    la = subparsers.add_parser(
+        "launch", help="run a training command in N processes on this node (preemption-safe torchrun)",
+        description="Start `python -m mpvg COMMAND ...` in N processes with torchrun's environment (RANK, "
+        "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), forward SIGTERM/SIGUSR1/SIGINT to all of them, stop the "
+        "others when one fails, and exit 0 when all finished, "
+        f"{REQUEUE_EXIT_CODE} when they stopped on a signal after saving a checkpoint (requeue), else the "
+        "failing worker's code. The Snakefile uses it for jobs with more than one GPU. Example: "
+        "mpvg launch --nproc-per-node 4 train --cell in1k-deit_ti-mpvg --seed 0")
+    la.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", type=int, required=True, metavar="N",
+                    help="processes to start (one per GPU)")
+    la.add_argument("--grace", type=float, default=60.0, metavar="S",
+                    help="seconds the other workers get to save after one failed, before SIGKILL (default 60)")
+    la.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="an mpvg sub-command and its arguments")
+    la.set_defaults(func=_launch)
+
     t = subparsers.add_parser("tracking", help="MLflow store: create it before parallel jobs, upload offline runs",
                               description="Where runs are tracked: $MLFLOW_TRACKING_URI, else tracking.uri of "
                               "params.yaml, else sqlite:///<project root>/mlruns.db.")
@@ -169,6 +184,19 @@ def _train(args) -> int:
         train(spec, opts)
 
     return run_training_job("train", job)
+
+
+def _launch(args) -> int:
+    from mpvg.training.launch import launch
+
+    if not args.argv:
+        print("mpvg launch: error: name the mpvg sub-command to run, e.g. `mpvg launch --nproc-per-node 2 train "
+              "--cell CELL`", file=sys.stderr)
+        return 2
+    try:
+        return launch(args.nproc, args.argv, grace=args.grace)
+    except ValueError as err:
+        return fail("launch", err)
 
 
 def _eval(args) -> int:

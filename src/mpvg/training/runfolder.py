@@ -349,30 +349,31 @@ def open_run(out: str | os.PathLike, inputs: dict, device: str = "auto", resume:
         problem = distributed.broadcast_object(str(problem) if problem else None)
         if problem:
             raise RunLockedError(problem) if "being written" in problem else FileExistsError(problem)
+        # what the folder holds is decided (and old state moved aside) before log.txt is opened,
+        # so the new run's log starts in a folder of its own
+        decision, reasons, ckpt, notes, moved = "fresh", [], None, [], None
+        if dist.is_main:
+            notes = [f"removed {p.name}, left by a writer that was killed" for p in remove_stale_temp_files(out)]
+            try:
+                decision, reasons, ckpt = _decide(out, inputs, resume)
+            except FileExistsError as err:
+                decision, reasons = "error", [str(err)]
+            if decision == "set-aside" and on_change == "set-aside":
+                moved = set_aside(out, f"settings differ from signature {digest(inputs)}: {'; '.join(reasons)}")
+        decision, reasons, moved = distributed.broadcast_object((decision, reasons, moved))
+        if decision == "error":
+            raise FileExistsError(reasons[0])
+        if decision == "set-aside" and on_change == "fail":
+            raise RunChangedError(f"{out} holds a run of other settings ({'; '.join(reasons)}); move it away, "
+                                  "or drop --on-change fail to set it aside automatically")
         with run_logging(out, dist.is_main), StopSignal() as stop:
-            decision, reasons, ckpt = "fresh", [], None
-            if dist.is_main:
-                for path in remove_stale_temp_files(out):
-                    log.info("removed %s, left by a writer that was killed", path.name)
-                try:
-                    decision, reasons, ckpt = _decide(out, inputs, resume)
-                except FileExistsError as err:
-                    decision, reasons = "error", [str(err)]
-            decision, reasons = distributed.broadcast_object((decision, reasons))
-            if decision == "error":
-                raise FileExistsError(reasons[0])
+            for note in notes:
+                log.info("%s", note)
             run = RunFolder(out=out, inputs=inputs, signature=digest(inputs), dist=dist, stop=stop,
-                            job_start=job_start, init_state=init_state)
+                            job_start=job_start, init_state=init_state, set_aside_to=moved)
             if decision == "set-aside":
-                why = "; ".join(reasons)
-                if on_change == "fail":
-                    raise RunChangedError(f"{out} holds a run of other settings ({why}); move it away, or drop "
-                                          "--on-change fail to set it aside automatically")
-                if dist.is_main:
-                    run.set_aside_to = set_aside(out, f"settings differ from signature {run.signature}: {why}")
-                    log.warning("%s held a run of other settings (%s); moved it to %s and starting fresh",
-                                out, why, run.set_aside_to)
-                distributed.barrier()
+                log.warning("%s held a run of other settings (%s); moved it to %s and starting fresh",
+                            out, "; ".join(reasons), moved)
             elif decision == "resume":
                 run.resume = ckpt if ckpt is not None else load_checkpoint(run.checkpoint_path, map_location="cpu")
             elif decision == "finished":
