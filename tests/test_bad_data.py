@@ -4,6 +4,7 @@ DataLoader workers and through `mpvg train`), COCO annotation faults, ADE20K pai
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -147,8 +148,8 @@ def test_data_check_deep_lists_bad_files_and_exits_1(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [
         f"ok       imagenet: {root} (train, val, 10 classes)",
-        "deep     imagenet train: 20 files read with 2 processes, 0 bad",
-        "deep     imagenet val: 20 files read with 2 processes, 0 bad",
+        "deep     imagenet train: 20 images decoded with 2 processes, 0 bad",
+        "deep     imagenet val: 20 images decoded with 2 processes, 0 bad",
         "all 1 datasets present at scale 'tiny', every file decodes"]
     assert "imagenet train: 100%" in captured.err and "20/20" in captured.err  # the progress bar
     bad = corrupt(root / "val" / "c5" / "1.JPEG", "text")
@@ -156,7 +157,7 @@ def test_data_check_deep_lists_bad_files_and_exits_1(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.splitlines()[2:] == [
         f"BAD      {bad}: cannot read this image (UnidentifiedImageError: cannot identify image file)",
-        "deep     imagenet val: 20 files read with 2 processes, 1 bad",
+        "deep     imagenet val: 20 images decoded with 2 processes, 1 bad",
         "0 of 1 datasets missing or malformed, 1 bad files at scale 'tiny'"]
     assert captured.err == ""
     assert cli.main(args[:-3]) == 0  # the cheap check does not open images
@@ -199,14 +200,18 @@ def test_data_check_one_line_per_dataset_with_the_right_advice(tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------ COCO
+def fresh_copy(module, tmp_path_factory, tmp_path: Path) -> Path:
+    """A copy (in ``tmp_path``) of the tiny dataset that ``module.make_tiny`` writes once per session."""
+    name = module.__name__.rsplit(".", 1)[-1]
+    cache = tmp_path_factory.getbasetemp() / f"{name}-pristine"
+    if not cache.exists():
+        module.make_tiny(cache, seed=0)
+    return Path(shutil.copytree(cache, tmp_path / name))
+
+
 @pytest.fixture
 def coco_copy(tmp_path_factory, tmp_path):
-    cache = tmp_path_factory.getbasetemp() / "coco-pristine"
-    if not cache.exists():
-        coco.make_tiny(cache, seed=0)
-    root = tmp_path / "coco"
-    shutil.copytree(cache, root)
-    return root
+    return fresh_copy(coco, tmp_path_factory, tmp_path)
 
 
 def _edit(root: Path, edit, split: str = "val") -> Path:
@@ -302,12 +307,7 @@ def test_coco_missing_and_mis_sized_images(coco_copy):
 # ------------------------------------------------------------------------------ ADE20K
 @pytest.fixture
 def ade_copy(tmp_path_factory, tmp_path):
-    cache = tmp_path_factory.getbasetemp() / "ade-pristine"
-    if not cache.exists():
-        ade20k.make_tiny(cache, seed=0)
-    root = tmp_path / "ade"
-    shutil.copytree(cache, root)
-    return root
+    return fresh_copy(ade20k, tmp_path_factory, tmp_path)
 
 
 def test_ade20k_faults(ade_copy, capsys):
@@ -339,3 +339,38 @@ def test_ade20k_faults(ade_copy, capsys):
                      (str(lab_dir / "ADE_val_00000005.png"), "a RGB image; expected a single-channel label PNG"),
                      (str(ade_copy / "images" / "validation" / "ADE_val_00000006.jpg"),
                       "cannot read this image (UnidentifiedImageError: cannot identify image file)")]
+
+
+def test_data_check_deep_over_all_four_datasets(tmp_path_factory, tmp_path, capsys):
+    from test_data_classification import _cifar_pickles
+
+    roots = {"imagenet": imagenet_folder(tmp_path / "in", per_class=1), "cifar100": tmp_path / "cifar",
+             "coco": fresh_copy(coco, tmp_path_factory, tmp_path), "ade20k": fresh_copy(ade20k, tmp_path_factory, tmp_path)}
+    _cifar_pickles(roots["cifar100"], n=20, classes=[f"k{i}" for i in range(10)])
+    args = ["data", "check", "--params", str(PARAMS), "--deep", "--workers", "2", "--no-progress",
+            *(f"--set=datasets.{name}.root={root}" for name, root in roots.items())]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"ok       ade20k: {roots['ade20k']} (train, val)",
+        "deep     ade20k train: 12 image/label pairs decoded with 2 processes, 0 bad",
+        "deep     ade20k val: 6 image/label pairs decoded with 2 processes, 0 bad",
+        f"ok       cifar100: {roots['cifar100']} (train, val, 10 classes)",
+        "deep     cifar100 train: arrays and labels read, nothing to decode",
+        "deep     cifar100 val: arrays and labels read, nothing to decode",
+        f"ok       coco: {roots['coco']} (train, val)",
+        "deep     coco train: 12 images decoded with 2 processes, 0 bad",
+        "deep     coco val: 6 images decoded with 2 processes, 0 bad",
+        f"ok       imagenet: {roots['imagenet']} (train, val, 10 classes)",
+        "deep     imagenet train: 10 images decoded with 2 processes, 0 bad",
+        "deep     imagenet val: 10 images decoded with 2 processes, 0 bad",
+        "all 4 datasets present at scale 'tiny', every file decodes"]
+    # faults only the deep check sees: a COCO image gone, CIFAR labels beyond meta's names
+    (roots["coco"] / "train2017" / "000000000004.jpg").unlink()
+    with open(roots["cifar100"] / "test", "wb") as f:
+        pickle.dump({"data": np.zeros((20, 3072), np.uint8), "fine_labels": [12] * 20}, f)
+    assert cli.main(args) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert f"BAD      cifar100 val: {roots['cifar100'] / 'test'}: labels 12..12 but meta names 10 classes" in out
+    assert (f"BAD      coco train: {roots['coco'] / 'train2017'}: 1 of 12 images named in "
+            f"{roots['coco'] / 'annotations' / 'instances_train2017.json'} are missing, e.g. '000000000004.jpg'") in out
+    assert out[-1] == "2 of 4 datasets missing or malformed, 0 bad files at scale 'tiny'"

@@ -104,7 +104,9 @@ def _check(args: argparse.Namespace) -> int:
             continue
         print(f"ok       {name}: {root} ({', '.join(SPLITS)}{f', {num_classes} classes' if num_classes else ''})")
         if args.deep:
-            bad_files += _deep(name, root, args)
+            malformed, bad = _deep(name, root, args)
+            broken += malformed
+            bad_files += bad
     if broken or bad_files:
         print(f"{broken} of {len(needed)} datasets missing or malformed, {bad_files} bad files"
               f"{'' if args.deep else ' (files not decoded; --deep does)'} at scale {scale!r}")
@@ -114,23 +116,28 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deep(name: str, root: str, args: argparse.Namespace) -> int:
-    """Decode every file of both splits; print each bad one; return how many are bad."""
+def _deep(name: str, root: str, args: argparse.Namespace) -> tuple[bool, int]:
+    """Check the annotations (COCO) or arrays (CIFAR-100) of both splits in full and decode
+    every file; print each problem and bad file; return (malformed, number of bad files)."""
     from mpvg.data import SPLITS, DatasetError
     from mpvg.data.integrity import available_cores, file_jobs, verify_files
 
     workers = args.workers or available_cores()
-    bad = 0
+    malformed, bad = False, 0
     for split in SPLITS:
         try:
             jobs = file_jobs(name, root, split)
         except DatasetError as err:
             print(f"BAD      {name} {split}: {err}")
-            bad += 1
+            malformed = True
+            continue
+        if not jobs:  # CIFAR-100: arrays in pickles, read and checked by file_jobs
+            print(f"deep     {name} {split}: arrays and labels read, nothing to decode")
             continue
         found = verify_files(jobs, workers, progress=not args.no_progress, desc=f"{name} {split}")
         for path, problem in found:
             print(f"BAD      {path}: {problem}")
         bad += len(found)
-        print(f"deep     {name} {split}: {len(jobs)} files read with {workers} processes, {len(found)} bad")
-    return bad
+        what = "image/label pairs" if name == "ade20k" else "images"
+        print(f"deep     {name} {split}: {len(jobs)} {what} decoded with {workers} processes, {len(found)} bad")
+    return malformed, bad
