@@ -240,6 +240,9 @@ def test_coco_truncated_and_malformed_json_name_the_file(coco_copy):
     with pytest.raises(DatasetError, match=rf"^{re.escape(str(ann))}: not a complete JSON object \({len(text) // 2} "
                                            r"bytes, starts b'\{\"info\": \{\"descr', ends .*; truncated\?"):
         check_dataset("coco", coco_copy, "val")
+    ann.write_bytes(b"\xef\xbb\xbf" + text.encode() + b"\n")  # a BOM and a newline: still complete JSON
+    check_dataset("coco", coco_copy, "val")
+    assert len(coco.CocoInstances(coco_copy, "val")) == 6
     ann.write_text(text.replace('"images": [', '"images": [,', 1))  # complete-looking but invalid
     check_dataset("coco", coco_copy, "val")  # the cheap check reads only the ends
     with pytest.raises(DatasetError, match=rf"^{re.escape(str(ann))}: not valid JSON \(Expecting value at line 1 "

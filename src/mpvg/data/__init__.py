@@ -131,7 +131,7 @@ def json_looks_complete(path: Path) -> None:
     or copy ends elsewhere).  Reads 64 bytes at each end, not the file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(64).lstrip()
+        head = f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 BOM is valid JSON for json.load
         f.seek(max(0, size - 64))
         tail = f.read().rstrip()
     if not head.startswith(b"{") or not tail.endswith(b"}"):
