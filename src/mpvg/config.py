@@ -552,5 +552,18 @@ def add_params_arguments(parser) -> None:
 
 
 def params_from_args(args) -> dict:
-    """:func:`load_params` from the arguments added by :func:`add_params_arguments`."""
-    return load_params(getattr(args, "params", "params.yaml"), getattr(args, "overrides", None) or None)
+    """:func:`load_params` from the arguments added by :func:`add_params_arguments`.
+
+    Under DVC (a stage's command), also checks that dvc.yaml still matches params.yaml: a stage
+    run from a stale dvc.yaml stops with what to run instead (mpvg.workflow.dvcyaml)."""
+    path, overrides = getattr(args, "params", "params.yaml"), getattr(args, "overrides", None) or []
+    params = load_params(path, overrides or None)
+    import os
+
+    if os.environ.get("DVC_STAGE"):
+        from mpvg.workflow.dvcyaml import stale_under_dvc
+
+        problem = stale_under_dvc(path, list(overrides), params)
+        if problem:
+            raise ConfigError(problem)
+    return params

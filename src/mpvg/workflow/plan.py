@@ -11,13 +11,12 @@ Plain Python: never imports snakemake, dvc or torch (Snakemake imports this whil
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from mpvg.config import Cell, expand_cells, resolve_run, run_dir
+from mpvg.config import Cell, expand_cells, run_dir
 
 # Jobs that train a cell, by Cell.stage; the rule name and the `mpvg` sub-command.
 CELL_STAGES = ("train", "finetune", "detect", "segment")
@@ -26,8 +25,16 @@ SUBCOMMAND = {"train": ["train"], "finetune": ["train"], "detect": ["detect", "t
 INIT_FLAG = {"finetune": "--init-from", "detect": "--pretrained", "segment": "--pretrained"}
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
+SCORES = "scores.json"      # final metrics (DVC metrics)
+HISTORY = "history.json"    # per-epoch / per-evaluation rows (DVC plots)
+JOB_LOG = "job.log"         # what the job printed (Snakemake log:)
 # The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).
 REPORT_FILES = ("tables.md", "README.md")
+# Targets a researcher asks for by name (`snakemake table2`, `dvc repro table2`): the runs of those
+# tables (and the runs they start from), then those tables re-rendered (`mpvg report --only ...`).
+TABLE_TARGETS = {"table1": ("T1",), "table2": ("T2",), "table3": ("T3",), "table4": ("T4",),
+                 "table5": ("T5",), "table6": ("T6",), "figure1": ("F1",), "figure5": ("F5",),
+                 "downstream": ("T3", "T4")}
 
 # --------------------------------------------------------------------------- sizing
 # Paper-scale sizing: GPUs per job and the training throughput they are planned with.
@@ -94,9 +101,10 @@ def cell_resources(params: Mapping, cell: Cell) -> dict:
 
 
 def launcher(gpus: int) -> list[str]:
-    """``mpvg`` for one process; ``torchrun`` with one process per GPU when ``gpus > 1``."""
+    """``mpvg`` for one process; ``mpvg launch`` with one process per GPU when ``gpus > 1``
+    (:mod:`mpvg.training.launch`: torchrun's environment, preemption that reaches every rank)."""
     if int(gpus) > 1:
-        return ["torchrun", "--standalone", "--nproc_per_node", str(int(gpus)), "-m", "mpvg"]
+        return ["mpvg", "launch", "--nproc-per-node", str(int(gpus))]
     return ["mpvg"]
 
 
@@ -118,6 +126,10 @@ class Job:
     resources: dict = field(default_factory=dict)
     cell: str | None = None
     seed: int | None = None
+    log: str | None = None           # Snakemake log: file
+    metrics: list[str] = field(default_factory=list)   # DVC metrics files (cache: false)
+    plots: list[str] = field(default_factory=list)     # DVC plots files (cache: false)
+    target: bool = False             # a target a researcher asks for (table1, ...): no outputs, always runs
 
     @property
     def stage_name(self) -> str:
@@ -188,15 +200,6 @@ def tiny_keys_of(params_file: str | Path) -> frozenset:
                      if isinstance(block, dict) for name in block)
 
 
-def run_signature(params: Mapping, cell_id: str) -> str:
-    """The resolved settings of a cell as one JSON string (Snakemake's ``params`` trigger)."""
-    spec = resolve_run(params, cell_id)
-    return json.dumps({"model": spec.model_name, "model_kwargs": spec.model_kwargs,
-                       "recipe": spec.recipe, "dataset": spec.dataset, "root": str(spec.dataset_root),
-                       "num_classes": spec.num_classes, "init_from": spec.cell.init_from,
-                       "scale": spec.scale}, sort_keys=True, default=str)
-
-
 def cell_dir(params: Mapping, stage: str, cell: str, seed: int) -> str:
     return str(run_dir(params["paths"]["runs"], stage, cell, seed))
 
@@ -219,7 +222,8 @@ def cell_job(params: Mapping, cell: Cell, seed: int, params_file: str = "params.
         cmd += [INIT_FLAG[cell.stage], f"{init_dir}/{CHECKPOINT}"]
     return Job(rule=cell.stage, key=f"{cell.id}-seed{seed}", args=cmd, deps=deps,
                outs=[f"{out}/{RESULT}"], persist=[f"{out}/{CHECKPOINT}"], external=external,
-               params=cell_params_keys(cell, tiny_keys), resources=res, cell=cell.id, seed=seed)
+               params=cell_params_keys(cell, tiny_keys), resources=res, cell=cell.id, seed=seed,
+               log=f"{out}/{JOB_LOG}", metrics=[f"{out}/{SCORES}"], plots=[f"{out}/{HISTORY}"])
 
 
 def analysis_cells(cells: Mapping[str, Cell]) -> list[Cell]:
@@ -235,26 +239,37 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
     common = common_args(params_file, overrides)
     jobs: list[Job] = []
     made = produced_datasets(params)
+    runs, reports = params["paths"]["runs"], params["paths"]["reports"]
+    logs = f"{runs}/logs"
     if made:
         jobs.append(Job(rule="data_tiny", key="", args=["data", "tiny", "--out",
                                                        tiny_data_root(params)],
                         deps=[], outs=sorted(made.values()), directory_outs=True,
-                        params=["tiny.datasets"], resources=dict(TINY)))
+                        params=["tiny.datasets"], resources=dict(TINY), log=f"{logs}/data_tiny.log"))
     for stage in CELL_STAGES:
         for cell in cells.values():
             if cell.stage == stage:
                 jobs += [cell_job(params, cell, seed, params_file, overrides, cells=cells, tiny_keys=tiny_keys) for seed in seeds]
-    runs, reports = params["paths"]["runs"], params["paths"]["reports"]
     figures = f"{reports}/figures"
     analysis_deps = [f"{cell_dir(params, c.stage, c.id, s)}/{RESULT}"
                      for c in analysis_cells(cells) for s in seeds]
     jobs.append(Job(rule="analyze", key="", args=["analyze", *common, "--runs", runs, "--out", figures],
                     deps=analysis_deps, outs=[figures], directory_outs=True,
-                    params=["scale", "models", "grid"], resources=dict(TINY)))
+                    params=["scale"], resources=dict(TINY), log=f"{logs}/analyze.log"))
     all_results = [j.outs[0] for j in jobs if j.cell]
     jobs.append(Job(rule="report", key="", args=["report", *common, "--runs", runs, "--out", reports],
                     deps=all_results + [f"{figures}"], outs=[f"{reports}/{name}" for name in REPORT_FILES],
-                    params=["scale", "seeds", "grid"], resources=dict(TINY)))
+                    params=["scale", "seeds"], resources=dict(TINY), log=f"{logs}/report.log"))
+    result_of = {j.cell: [] for j in jobs if j.cell}
+    for j in jobs:
+        if j.cell:
+            result_of[j.cell].append(j.outs[0])
+    for name, tables in TABLE_TARGETS.items():
+        deps = [out for c in cells.values() if set(c.tables) & set(tables) for out in result_of[c.id]]
+        if deps:
+            jobs.append(Job(rule=name, key="", args=["report", *common, "--runs", runs, "--out", reports,
+                                                     *[a for t in tables for a in ("--only", t)]],
+                            deps=deps, outs=[], params=["scale", "seeds"], resources=dict(TINY), target=True))
     return jobs
 
 
@@ -263,12 +278,18 @@ def targets(params: Mapping) -> list[str]:
     return [f"{params['paths']['reports']}/{name}" for name in REPORT_FILES]
 
 
+def trigger_path(params: Mapping, job: Job) -> str:
+    """The file the Snakefile writes (now) for a job that must run, as a non-ancient input newer
+    than its output: Snakemake's own way of rerunning a job (docs/workflow.md, "The rerun rule")."""
+    return f"{params['paths']['runs']}/.rerun/{job.stage_name}"
+
+
 class Opaque:
     """A value for a Snakemake ``params`` entry that its params rerun trigger leaves out.
 
     Snakemake records only builtin values (str, dict, ...) of ``params`` for the trigger; the
     shell command holds the launcher (how many GPUs), which must not make a finished run stale.
-    What a run computes is tracked by :func:`run_signature` instead."""
+    What a run computes is tracked by its run signature instead (mpvg.workflow.state)."""
 
     def __init__(self, text: str):
         self.text = text
