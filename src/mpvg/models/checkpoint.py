@@ -183,6 +183,7 @@ class OfficialLoadReport(NamedTuple):
     renamed: int                 # checkpoint keys whose name changed
     dropped: list[str]           # checkpoint entries not loaded on purpose (recomputed buffers)
     filled: dict[str, str]       # model keys the checkpoint lacks, set on purpose, and why
+    unstored: dict[str, float]   # settings the outputs depend on that no checkpoint stores (T2T's qk scale)
 
 
 def official_layout(model: nn.Module) -> str:
@@ -264,7 +265,8 @@ def convert_official_state_dict(model: nn.Module, checkpoint: Mapping) -> tuple[
             sd["absolute_pos_embed"] = torch.zeros_like(model.absolute_pos_embed)
             filled["absolute_pos_embed"] = ("zeros: the checkpoint was trained without the absolute PE (the "
                                             "original code's ape=False), which the paper's Default adds")
-    return sd, OfficialLoadReport(layout, renamed, dropped, filled)
+    unstored = {"qk_scale": float(model.blocks[0].attn.scale)} if layout == "t2t" else {}
+    return sd, OfficialLoadReport(layout, renamed, dropped, filled, unstored)
 
 
 def load_official_weights(model: nn.Module, checkpoint: Mapping) -> OfficialLoadReport:

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from mpvg.reporting.calibration import build_calibration_table
 from mpvg.reporting.paper import load_paper_numbers
 from mpvg.reporting.render import Table, latex_document, render_latex, render_markdown
 from mpvg.reporting.results import collect_results, newest_result_time, split_by_scale
@@ -81,6 +82,9 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
     scale = params.get("scale", "?")
     results, skipped = split_by_scale(collect_results(runs_dir), scale)
     tables = build_all(paper_rows, cells, params, results)
+    calibration = build_calibration_table(cells, runs_dir, params)  # once `mpvg eval --weights` has run
+    if calibration is not None:
+        tables.append(calibration)
 
     written = []
     for t in tables:
