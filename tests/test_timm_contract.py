@@ -18,6 +18,7 @@ from torch import nn
 
 import mpvg.models  # noqa: F401  (registers the models)
 from mpvg.models.fold import fold_last_ln_pe
+from test_models_ceit_swin import randomize_norms as randomize  # LN affines and PE: a misplaced LN' shows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -63,19 +64,6 @@ def create(name: str, method: str, seed: int = 0, **kw) -> nn.Module:
     args = dict(TINY[name])
     args.update(kw)
     return timm.create_model(name, pe_method=method, **args)
-
-
-def randomize(model: nn.Module, seed: int = 1) -> None:
-    """Non-trivial LayerNorm affines and PE, so a misplaced LN' shows in the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-        for n, p in model.named_parameters():
-            if n in ("pos_embed", "absolute_pos_embed", "pos_layer_embed") and p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g))
 
 
 def inputs(name: str, batch: int = 2) -> torch.Tensor:

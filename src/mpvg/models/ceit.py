@@ -41,7 +41,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import calculate_drop_path_rates, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
@@ -126,7 +125,7 @@ class LeFF(nn.Module):
         return torch.cat((prefix, t), dim=1) if p else t
 
 
-class CeiT(nn.Module):
+class CeiT(contract.TokenModel, nn.Module):
     """CeiT with a configurable PE method (see the module docstring for the choices).
 
     Args:
@@ -218,14 +217,6 @@ class CeiT(nn.Module):
         return dict(stem=r"^cls_token|pos_embed|i2t|pe\.",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^lca|^pos_layer_embed|^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new head; ``global_pool`` may be ``None``, ``''`` or the method's pooling (CeiT's
         features are pooled before LCA, see the class docstring)."""
@@ -249,11 +240,6 @@ class CeiT(nn.Module):
         """``(B, N, D)`` -> ``(B, D)``: the class token, or GAP over the patch tokens.  Gives the
         per-layer token LCA sees and the pooled Last-LN PE term (mpvg.models.fold uses it)."""
         return x[:, 0] if self.summary_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
-
-    def _block(self, blk: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
-            return checkpoint(blk, x, pos, use_reentrant=False)
-        return blk(x, pos)
 
     def _run(self, x: torch.Tensor, record: Optional[dict] = None, take=(), stop: Optional[int] = None,
              readout: bool = True):
@@ -310,19 +296,8 @@ class CeiT(nn.Module):
                                    readout=not intermediates_only)
         if norm:
             taken = [self.norm(t) if last is None else self.norm(t) + last for t in taken]
-        pairs = [contract.tokens_out(t, self.num_prefix_tokens, self.grid_size, output_fmt) for t in taken]
-        inter = [t for t, _ in pairs]
-        prefix = [p for _, p in pairs] if self.num_prefix_tokens else None
-        if output_dict:
-            out = {"image_intermediates": inter}
-            if prefix is not None and return_prefix_tokens:
-                out["image_intermediates_prefix"] = prefix
-            if not intermediates_only:
-                out["image_features"] = y
-            return out
-        if return_prefix_tokens and prefix is not None:
-            inter = list(zip(inter, prefix))
-        return inter if intermediates_only else (y, inter)
+        return self._intermediates_out(taken, self.grid_size, output_fmt, y, return_prefix_tokens,
+                                       intermediates_only, output_dict)
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

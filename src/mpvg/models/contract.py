@@ -11,7 +11,9 @@
   ``reset_classifier``): ``''`` (no pooling), ``'avg'`` (GAP over the patch tokens) or ``'token'``
   (the class token, only where there is one).
 * :func:`check_not_folded` guards a model whose head bias holds the folded Last-LN PE term.
-* :func:`tokens_out` turns per-block token sequences into timm's intermediate formats.
+* :class:`TokenModel` holds what the token-sequence models (the ViT family and CeiT) share:
+  grad checkpointing of the PE blocks, the classifier, and timm's ``forward_intermediates``
+  return formats.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 POOLS = ("", "avg", "token")
 
@@ -111,3 +114,40 @@ def tokens_out(x: torch.Tensor, prefix: int, grid: tuple[int, int], output_fmt: 
 def check_output_fmt(output_fmt: str, allowed: Sequence[str] = ("NCHW", "NLC")) -> None:
     if output_fmt not in allowed:
         raise ValueError(f"output_fmt={output_fmt!r}; expected one of {list(allowed)}")
+
+
+class TokenModel:
+    """Mixin of the token-sequence models (``blocks`` of PE blocks, ``head``, ``num_prefix_tokens``)."""
+
+    grad_checkpointing: bool = False
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def _block(self, blk: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+        """``blk(x, pos)``, recomputed in the backward pass when grad checkpointing is on."""
+        if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
+            return checkpoint(blk, x, pos, use_reentrant=False)
+        return blk(x, pos)
+
+    def _intermediates_out(self, taken: list, grid: tuple[int, int], output_fmt: str, final,
+                           return_prefix_tokens: bool, intermediates_only: bool, output_dict: bool):
+        """timm's ViT ``forward_intermediates`` return value from the taken block outputs."""
+        pairs = [tokens_out(t, self.num_prefix_tokens, grid, output_fmt) for t in taken]
+        inter = [t for t, _ in pairs]
+        prefix = [p for _, p in pairs] if self.num_prefix_tokens else None
+        if output_dict:
+            out = {"image_intermediates": inter}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = final
+            return out
+        if return_prefix_tokens and prefix is not None:
+            inter = list(zip(inter, prefix))
+        return inter if intermediates_only else (final, inter)

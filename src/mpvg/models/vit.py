@@ -37,7 +37,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
@@ -212,7 +211,7 @@ class ViTLiteBlock(PEBlock):
 # --------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------
-class MPVGVisionTransformer(nn.Module):
+class MPVGVisionTransformer(contract.TokenModel, nn.Module):
     """ViT with the PE methods of the paper.  See the module docstring.
 
     Args:
@@ -367,14 +366,6 @@ class MPVGVisionTransformer(nn.Module):
         return dict(stem=r"^cls_token|pos_embed|patch_embed|pe\.",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new head (``num_classes=0``: none) and, if given, a new readout, as timm's ViT:
         ``''`` stops pooling (``forward`` returns per-token outputs), ``'avg'`` / ``'token'``
@@ -427,11 +418,6 @@ class MPVGVisionTransformer(nn.Module):
             x = x + pos
         return self.pos_drop(x), pos, (h, w)
 
-    def _block(self, blk: nn.Module, x: torch.Tensor, term: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
-            return checkpoint(blk, x, term, use_reentrant=False)
-        return blk(x, pos=term)
-
     def _last_ln(self, x: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
         """The Last LN stage: ``LN(x)`` (+ ``LN'_last(pos_k)``, Eq. 11)."""
         x = self.norm(x)
@@ -474,21 +460,9 @@ class MPVGVisionTransformer(nn.Module):
             x = self._block(blk, x, term)
             if i in take:
                 inter.append(self._last_ln(x, last) if norm else x)
-        pairs = [contract.tokens_out(y, self.num_prefix_tokens, grid, output_fmt) for y in inter]
-        inter = [y for y, _ in pairs]
-        prefix = [p for _, p in pairs] if self.num_prefix_tokens else None
-        if output_dict:
-            out = {"image_intermediates": inter}
-            if prefix is not None and return_prefix_tokens:
-                out["image_intermediates_prefix"] = prefix
-            if not intermediates_only:
-                out["image_features"] = self._last_ln(x, last)
-            return out
-        if return_prefix_tokens and prefix is not None:
-            inter = list(zip(inter, prefix))
-        if intermediates_only:
-            return inter
-        return self._last_ln(x, last), inter
+        final = None if intermediates_only else self._last_ln(x, last)
+        return self._intermediates_out(inter, grid, output_fmt, final, return_prefix_tokens, intermediates_only,
+                                       output_dict)
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
