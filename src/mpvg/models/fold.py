@@ -51,15 +51,12 @@ def fold_last_ln_pe(model: nn.Module) -> nn.Module:
     if not can_fold(model):
         raise TypeError(f"{type(model).__name__} does not support folding (needs a linear head, "
                         "pool() and last_ln_pe_term())")
-    term = model.last_ln_pe_term()  # (1, N[+1], D)
-    with torch.no_grad():
-        pooled = model.pool(term)
-    if pooled.ndim != 2:
+    if model.pool(model.last_ln_pe_term()).ndim != 2:  # (1, D) when the head pools
         raise ValueError(f"the head does not pool (global_pool={getattr(model, 'global_pool', None)!r}): it sees "
                          "LN'_last(pos_k) per position, which no single head bias can hold; fold a model whose "
                          "head pools (global_pool 'avg' or 'token')")
     folded = copy.deepcopy(model).eval()
-    term = folded.last_ln_pe_term()
+    term = folded.last_ln_pe_term()  # (1, N[+1], D)
     head = _classifier(folded)
     pooled = folded.pool(term)[0].to(head.weight.dtype)  # (D,)
     shift = head.weight @ pooled
