@@ -146,3 +146,23 @@ class LayerwisePE(nn.Module):
                 raise ValueError(f"last_ln_pe={k} but the PE chain has only {len(chain)} entries")
             last = self.last_norm(chain[k])
         return terms, last
+
+    def truncate(self, depth: int, keep_last: bool) -> None:
+        """Keep the LN' of the first ``depth`` layers (a model pruned to its first ``depth``
+        blocks, timm's ``prune_intermediate_layers``); drop ``LN'_last`` unless ``keep_last``.
+
+        A kept ``LN'_last`` still needs ``pos_k``: the LN' that produce the chain up to ``pos_k``
+        stay even past ``depth`` (their per-layer terms are then unused by any block).
+        """
+        if not 0 < depth <= self.depth:
+            raise ValueError(f"truncate to {depth} layers; expected 1 to {self.depth}")
+        if not keep_last:
+            self.last_norm = None
+        needed = depth
+        k = self.cfg.last_ln_pe
+        if self.last_norm is not None and k:
+            applied = [l for l, r in enumerate(self.receives) if r]
+            needed = max(depth, applied[k - 1] + 1)
+        self.norms = nn.ModuleList(list(self.norms)[:needed])
+        self.receives = self.receives[:needed]
+        self.depth = needed

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from mpvg.reporting.calibration import build_calibration_table
 from mpvg.reporting.paper import load_paper_numbers
 from mpvg.reporting.render import (Table, latex_comment, latex_document, render_latex, render_markdown_page)
 from mpvg.reporting.results import (collect_results, commits_of, compute_totals, newest_result_time,
@@ -162,6 +163,9 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
         results, stale, other_seeds = split_current(params, results, runs_dir)
         skipped = sorted(skipped + other_seeds)
     tables = build_all(paper_rows, cells, params, results, stale)
+    calibration = build_calibration_table(cells, runs_dir, params)  # once `mpvg eval --weights` has run
+    if calibration is not None:
+        tables.append(calibration)
     if only:
         from mpvg.reporting.tables import TABLE_SPECS
 
