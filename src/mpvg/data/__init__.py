@@ -21,8 +21,62 @@ LAYOUTS = {
 }
 
 
+CLASS_LISTS_FILE = Path(__file__).with_name("class_lists.yaml")
+
+
 class DatasetError(RuntimeError):
     """A dataset root is missing or not in the expected layout (message names the path)."""
+
+
+def class_lists() -> dict:
+    """The packaged ImageNet class subsets (class_lists.yaml): ``{name: {file, classes, sha256, source}}``."""
+    import yaml
+
+    return yaml.safe_load(CLASS_LISTS_FILE.read_text(encoding="utf-8"))
+
+
+def class_list(name: str) -> list[str]:
+    """The folder names (WordNet ids) of the packaged class subset ``name``, in file order.
+
+    The file is checked against the sha256 and the class count recorded in class_lists.yaml,
+    so an edited list can never pass for the published one.
+    """
+    import hashlib
+
+    lists = class_lists()
+    if name not in lists:
+        raise DatasetError(f"unknown class list {name!r}; expected one of {sorted(lists)} ({CLASS_LISTS_FILE})")
+    entry = lists[name]
+    path = CLASS_LISTS_FILE.with_name(entry["file"])
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DatasetError(f"{path}: sha256 differs from the one in {CLASS_LISTS_FILE.name}; "
+                           f"it is not the published list ({entry['source']})")
+    names = data.decode("ascii").split()
+    if len(names) != entry["classes"] or len(set(names)) != len(names):
+        raise DatasetError(f"{path}: {len(names)} names ({len(set(names))} distinct), expected "
+                           f"{entry['classes']} distinct class folders")
+    return names
+
+
+def select_classes(split_dir: Path, classes) -> list[str]:
+    """The class folders of ``split_dir`` to use: all of them (``classes`` None), or the
+    listed ones, sorted like the folders are (so a label means the same class whether the
+    subset is read from the full ImageNet or from a copy holding only those folders).
+
+    Every listed class must be a folder of ``split_dir``; the message names the missing ones.
+    """
+    present = imagefolder_classes(split_dir)
+    if classes is None:
+        return present
+    wanted = sorted(set(classes))
+    if len(wanted) != len(list(classes)):
+        raise DatasetError(f"class subset for {split_dir} lists a class twice")
+    missing = sorted(set(wanted) - set(present))
+    if missing:
+        raise DatasetError(f"{split_dir}: {len(missing)} of the {len(wanted)} classes of the subset are not "
+                           f"class folders there: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return wanted
 
 
 def _fail(name: str, root: Path, problem: str) -> DatasetError:
@@ -44,11 +98,13 @@ def imagefolder_classes(split_dir: Path) -> list[str]:
     return [e.name for e in _listdir(split_dir) if e.is_dir() and not e.name.startswith(".")]
 
 
-def check_dataset(name: str, root: str | Path, split: str = "train", num_classes: int | None = None) -> dict:
+def check_dataset(name: str, root: str | Path, split: str = "train", num_classes: int | None = None,
+                  classes=None) -> dict:
     """Fail early and clearly if ``root`` does not hold ``split`` of dataset ``name``.
 
     Cheap (no full scan): looks at the folders/files that the loaders open first.  Returns a
-    summary (``{"root", "split", "num_classes"}`` where known).
+    summary (``{"root", "split", "num_classes"}`` where known).  ``classes`` (ImageNet folders
+    only) is a class subset: every listed class must be there, and it is what is counted.
     """
     root = Path(root)
     if name not in LAYOUTS:
@@ -63,13 +119,13 @@ def check_dataset(name: str, root: str | Path, split: str = "train", num_classes
         split_dir = root / split
         if not split_dir.is_dir():
             raise _fail(name, root, f"no {split!r} folder ({_found(root)})")
-        classes = imagefolder_classes(split_dir)
-        if not classes:
+        found = select_classes(split_dir, classes)
+        if not found:
             raise _fail(name, root, f"{split_dir} has no class folders ({_found(split_dir)})")
-        first = split_dir / classes[0]
+        first = split_dir / found[0]
         if not any(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in _listdir(first)):
             raise _fail(name, root, f"{first} holds no images ({_found(first)})")
-        info["num_classes"] = len(classes)
+        info["num_classes"] = len(found)
     elif name == "cifar100":
         for fname in ("train" if split == "train" else "test", "meta"):
             if not (root / fname).is_file():
@@ -86,6 +142,8 @@ def check_dataset(name: str, root: str | Path, split: str = "train", num_classes
         for kind in ("images", "annotations"):
             if not (root / kind / sub).is_dir():
                 raise _fail(name, root, f"no '{kind}/{sub}' folder ({_found(root / kind)})")
+    if classes is not None and name != "imagenet":
+        raise DatasetError(f"{root}: a class subset applies to ImageNet class folders only, not to {name}")
     if num_classes is not None and info["num_classes"] not in (None, num_classes):
         raise DatasetError(f"{root}: {info['num_classes']} classes in {split!r} but params.yaml says "
                            f"num_classes: {num_classes} for {name}")

@@ -43,7 +43,7 @@ def _tiny(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from mpvg.config import ConfigError, expand_cells, params_from_args
+    from mpvg.config import ConfigError, dataset_classes, expand_cells, params_from_args
     from mpvg.data import DatasetError, check_dataset
 
     try:
@@ -59,7 +59,7 @@ def _check(args: argparse.Namespace) -> int:
         users = sum(c.dataset == name for c in cells)
         for split in ("train", "val"):
             try:
-                info = check_dataset(name, ds["root"], split, ds["num_classes"])
+                info = check_dataset(name, ds["root"], split, ds["num_classes"], dataset_classes(ds))
                 extra = f", {info['num_classes']} classes" if info["num_classes"] else ""
                 print(f"ok       {name} {split}: {ds['root']}{extra}")
             except DatasetError as err:
