@@ -12,7 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from mpvg.reporting.claims import INDEX_ENTRY, write_claims
 from mpvg.reporting.paper import load_paper_numbers
+from mpvg.reporting.planned import build_planned_cost_table
 from mpvg.reporting.render import Table, latex_document, render_latex, render_markdown
 from mpvg.reporting.results import collect_results, newest_result_time, split_by_scale
 from mpvg.reporting.tables import build_all
@@ -81,6 +83,8 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
     scale = params.get("scale", "?")
     results, skipped = split_by_scale(collect_results(runs_dir), scale)
     tables = build_all(paper_rows, cells, params, results)
+    planned = build_planned_cost_table(params)  # planned GPU-hours for the seeds (paper/budget scale)
+    tables += [planned] if planned else []
 
     written = []
     for t in tables:
@@ -88,6 +92,7 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
         written.append(_write(out / f"{t.name}.tex", render_latex(t)))
     written.append(_write(out / "tables.tex", latex_document(tables)))
     written.append(_write(out / "tables.md", "# All tables\n\n" + "\n".join(render_markdown(t) for t in tables)))
+    written += write_claims(params, cells, results, out)[0]  # claims.md, .tex, .json
 
     meta = {
         "as_of": _utc(newest_result_time(results)),
@@ -101,7 +106,7 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
     }
     fig_dir = out / "figures"
     figures = sorted(p.name for p in fig_dir.iterdir() if p.suffix in FIGURE_SUFFIXES) if fig_dir.is_dir() else []
-    written.append(_write(out / "README.md", render_index(tables, meta, figures)))
+    written.append(_write(out / "README.md", render_index(tables + [INDEX_ENTRY], meta, figures)))
     build = {**meta, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     written.append(_write(out / "build.json", json.dumps(build, indent=2, sort_keys=True) + "\n"))
     return written

@@ -27,7 +27,7 @@ INIT_FLAG = {"finetune": "--init-from", "detect": "--pretrained", "segment": "--
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
 # The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).
-REPORT_FILES = ("tables.md", "README.md")
+REPORT_FILES = ("tables.md", "README.md", "claims.md")
 
 # --------------------------------------------------------------------------- sizing
 # Paper-scale sizing: GPUs per job and the training throughput they are planned with.
