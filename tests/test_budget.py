@@ -73,7 +73,7 @@ def test_budget_cells_recipes_and_imagenet100(budget):
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["budget.cells=[nope-*]"], "cells: pattern 'nope-*' (scale 'budget') matches no cell"),
+    (["scale=budget", "budget.cells=[nope-*]"], "cells: pattern 'nope-*' (scale 'budget') matches no cell"),
     (["scale=budget", "budget.cells=[c100-*]"],
      "selects c100-t2t_vit_7-default but not in1k-t2t_vit_7-default, the cell it starts from"),
     (["scale=budget", "budget.datasets.imagenet.num_classes=99"],
@@ -207,3 +207,18 @@ def test_budget_cost_three_seeds_under_five_percent_of_one_paper_seed(budget, ca
     rows = capsys.readouterr().out.strip().splitlines()[1:]
     assert sorted(r.split()[0] for r in rows) == BUDGET_CELLS and {r.split()[4] for r in rows} == {"1"}
     assert cli.main(["workflow", "cost", "--params", str(PARAMS), "--set", "scale=tiny"]) == 2
+
+
+def test_report_plans_the_gpu_hours_of_its_seeds(budget, tmp_path):
+    from mpvg.reporting.planned import build_planned_cost_table
+    from mpvg.reporting.report import build_reports
+
+    t = build_planned_cost_table(budget)
+    rows = {r[0].text: [e.text for e in r] for r in t.rows}
+    assert rows["in1k-deit_ti-* (14 cells)"][2:] == ["1", "1.4", f"{14 * 3 * 100 * 130_000 / 2500 / 3600:.1f}"]
+    assert rows["Total"][4] == f"{total_gpu_hours(budget, seeds=3):.0f}" == "101"
+    assert build_planned_cost_table(load_params(PARAMS)) is None          # tiny: nothing planned
+    build_reports(budget, expand_cells(budget), tmp_path / "runs", tmp_path / "reports")
+    assert "Planned GPU-hours for 3 seed(s)" in (tmp_path / "reports" / "cost-plan.md").read_text()
+    claims = (tmp_path / "reports" / "claims.md").read_text()
+    assert "Scale: budget (ImageNet-100" in claims and "pending: not in grid" in claims

@@ -379,11 +379,9 @@ def _check(raw: dict, where: str) -> None:
                               f"expected one of {sorted(raw['recipes'])}")
     for i, group in enumerate(raw["grid"]):
         _check_group(raw, group, f"{where}: grid.{i}")
-    every = expand_cells({**raw, "cells": None})  # id clashes, init_from edges
-    for scale in SCALE_BLOCKS:  # a scale's cell patterns, even when another scale is active
-        if "cells" in raw.get(scale, {}):
-            select_cells(every, raw[scale]["cells"], scale)
-    for cell in expand_cells(raw).values():  # PE depth of the cells that run
+    expand_cells({**raw, "cells": None})  # id clashes, init_from edges of the whole grid
+    # the cells that run (the active scale's `cells` patterns are checked once merged in): PE depth
+    for cell in expand_cells(raw).values():
         _check_depth(raw, cell, where)
 
 

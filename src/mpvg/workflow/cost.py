@@ -38,24 +38,29 @@ def total_gpu_hours(params: Mapping, seeds: Optional[int] = None) -> float:
     return sum(r["all_seeds"] for r in cost_rows(params, seeds))
 
 
+def rows_by_model(rows: list[dict]) -> list[dict]:
+    """:func:`cost_rows` with the cells of one task and model (same recipe, same cost) folded
+    into one row: ``cell`` is ``"in1k-deit_ti-* (14 cells)"``, ``tables`` their union and
+    ``all_seeds`` their sum; the per-cell values are the first cell's."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        task, model = r["cell"].split("-")[:2]
+        groups.setdefault(f"{task}-{model}-*", []).append(r)
+    return [{**g[0], "cell": f"{key} ({len(g)} cells)", "cells": len(g),
+             "tables": ",".join(dict.fromkeys(t for r in g for t in r["tables"].split(","))),
+             "all_seeds": sum(r["all_seeds"] for r in g)} for key, g in groups.items()]
+
+
 def cost_table(params: Mapping, by_model: bool = False, seeds: Optional[int] = None,
                reference: Optional[float] = None) -> str:
     """Markdown table of :func:`cost_rows` with a total line; ``by_model`` folds the cells of one
-    task and model (same recipe, same cost) into one row with their count. ``reference`` (the
-    GPU-hours of one paper-scale seed) adds the total's share of it."""
+    task and model into one row (:func:`rows_by_model`). ``reference`` (the GPU-hours of one
+    paper-scale seed) adds the total's share of it."""
     rows = cost_rows(params, seeds)
     n = rows[0]["seeds"] if rows else (len(params["seeds"]) if seeds is None else int(seeds))
     ncells = len(rows)
     if by_model:
-        groups: dict[str, list[dict]] = {}
-        for r in rows:
-            task, model = r["cell"].split("-")[:2]
-            groups.setdefault(f"{task}-{model}-*", []).append(r)
-        rows = [{**g[0], "cell": f"{key} ({len(g)} cells)",
-                 "tables": ",".join(dict.fromkeys(t for r in g for t in r["tables"].split(",")))}
-                for key, g in groups.items()]
-        for row, g in zip(rows, groups.values()):
-            row["all_seeds"] = sum(r["all_seeds"] for r in g)
+        rows = rows_by_model(rows)
     lines = ["| cell | tables | GPUs | images (M) | img/s/GPU | GPU-h per cell and seed | wall-clock h |",
              "|---|---|--:|--:|--:|--:|--:|"]
     for r in rows:
