@@ -139,6 +139,17 @@ def budget_on_tiny(tiny_root: Path, *extra: str) -> dict:
         "recipes.deit.batch_size=32", "recipes.deit.workers=0", *extra])
 
 
+def test_data_check_reads_the_subset(tiny_root, tmp_path, capsys):
+    common = ["data", "check", "--params", str(PARAMS), "--set", "scale=budget", "--set", "cells=[in1k-deit_ti-mpvg]",
+              "--set", f"datasets.imagenet.root={tiny_root / 'imagenet'}", "--set", "datasets.imagenet.num_classes=2"]
+    assert cli.main(common + ["--set", "datasets.imagenet.classes=[digit_3, digit_8]"]) == 0
+    assert f"ok       imagenet train: {tiny_root / 'imagenet'}, 2 classes" in capsys.readouterr().out
+    assert cli.main(common + ["--set", "datasets.imagenet.classes=[digit_3, n01749939]"]) == 1
+    assert "MISSING  imagenet train (used by 1 cells)" in capsys.readouterr().out
+    assert cli.main(common[:-2]) == 1  # ImageNet-100 itself: its classes are not in the tiny folders
+    assert "100 of the 100 classes of the subset are not class folders there: ['n01558993'" in capsys.readouterr().out
+
+
 def test_budget_scale_trains_on_tiny_data_through_the_same_code_path(tiny_root, tmp_path, one_torch_thread):
     from mpvg.training.engine import TrainOptions, train
 
