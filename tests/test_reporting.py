@@ -310,7 +310,8 @@ def test_rebuild_is_byte_identical(tmp_path, params, cells):
     a = build_sample(tmp_path, params, cells, "a")
     b = build_sample(tmp_path, params, cells, "b")
     files = sorted(p.name for p in a.iterdir() if p.name != "build.json")
-    assert len(files) == 21  # 9 tables x (.md, .tex), tables.md, tables.tex, README.md
+    # 9 tables x (.md, .tex), tables.md, tables.tex, README.md, claims.{md,tex,json}
+    assert len(files) == 24
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 

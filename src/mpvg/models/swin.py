@@ -83,7 +83,8 @@ class StagewisePE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.stages = nn.ModuleList(
-            LayerwisePE(cfg.replace(last_ln_pe=None, include_layer0=cfg.include_layer0 or s > 0), d, dim, norm_layer)
+            LayerwisePE(cfg.replace(last_ln_pe=None, last_ln_pe_detach=False,
+                                    include_layer0=cfg.include_layer0 or s > 0), d, dim, norm_layer)
             for s, (d, dim) in enumerate(zip(depths, dims)))
         self.receives = [r for st in self.stages for r in st.receives]
         self.last_norm = norm_layer(dims[-1]) if cfg.last_ln_pe is not None else None
@@ -129,7 +130,7 @@ class StagewisePE(nn.Module):
             p, s = chain[self.cfg.last_ln_pe]
             for t in range(s + 1, len(self.stages)):
                 p = self.merge(t, p, merges)
-            last = self.last_norm(p)
+            last = self.last_norm(p.detach() if self.cfg.last_ln_pe_detach else p)
         return terms, last
 
     def truncate(self, n_stages: int, keep_last: bool) -> None:

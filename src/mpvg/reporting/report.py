@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 from mpvg.reporting.calibration import build_calibration_table
+from mpvg.reporting.claims import INDEX_ENTRY, write_claims
 from mpvg.reporting.paper import load_paper_numbers
+from mpvg.reporting.planned import build_planned_cost_table
 from mpvg.reporting.render import (Table, latex_comment, latex_document, render_latex, render_markdown_page)
 from mpvg.reporting.results import (collect_results, commits_of, compute_totals, newest_result_time,
                                     split_by_scale, split_current)
@@ -24,6 +26,12 @@ from mpvg.runinfo import git_commit
 FIGURE_SUFFIXES = (".png", ".pdf", ".json", ".md")
 THUMBNAIL_WIDTH = 360  # px, in the index
 FRAGMENT_NOTE = "A fragment for \\input: needs \\usepackage{booktabs,longtable}; tables.tex is the whole document."
+
+
+class ReportFiles(list):
+    """The files ``build_reports`` wrote; ``metrics``: the claims' verdicts as flat MLflow metrics."""
+
+    metrics: dict = {}
 
 
 def params_hash(params: dict) -> str:
@@ -166,21 +174,25 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
     calibration = build_calibration_table(cells, runs_dir, params)  # once `mpvg eval --weights` has run
     if calibration is not None:
         tables.append(calibration)
+    planned = build_planned_cost_table(params)  # planned GPU-hours for the seeds (paper/budget scale)
+    tables += [planned] if planned else []
     if only:
         from mpvg.reporting.tables import TABLE_SPECS
 
         names = {spec.name for spec in TABLE_SPECS if spec.key in only}
         chosen = [t for t in tables if t.name in names]
-        return [_write(out / f"{t.name}{ext}", text) for t in chosen
-                for ext, text in ((".md", render_markdown_page([t], notice)),
-                                  (".tex", latex_comment(f"{notice}\n{FRAGMENT_NOTE}") + render_latex(t)))]
+        return ReportFiles(_write(out / f"{t.name}{ext}", text) for t in chosen
+                           for ext, text in ((".md", render_markdown_page([t], notice)),
+                                             (".tex", latex_comment(f"{notice}\n{FRAGMENT_NOTE}") + render_latex(t))))
 
-    written = []
+    written = ReportFiles()
     for t in tables:
         written.append(_write(out / f"{t.name}.md", render_markdown_page([t], notice)))
         written.append(_write(out / f"{t.name}.tex", latex_comment(f"{notice}\n{FRAGMENT_NOTE}") + render_latex(t)))
     written.append(_write(out / "tables.tex", latex_document(tables, notice)))
     written.append(_write(out / "tables.md", render_markdown_page(tables, notice, heading="All tables")))
+    claim_files, written.metrics = write_claims(params, cells, results, out)  # claims.md, .tex, .json
+    written += claim_files
 
     meta = {
         "as_of": _utc(newest_result_time(results)),
@@ -196,7 +208,8 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
         "result_commits": commits_of(results),
         "results_total": compute_totals(results),
     }
-    written.append(_write(out / "README.md", render_index(tables, meta, figure_entries(out / "figures"))))
+    written.append(_write(out / "README.md", render_index(tables + [INDEX_ENTRY], meta,
+                                                          figure_entries(out / "figures"))))
     build = {**meta, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "build_wall_time_s": round(time.perf_counter() - started, 3)}
     if check_signatures:  # the runs this report shows, by signature (the workflow's rerun rule reads it)

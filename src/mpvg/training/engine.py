@@ -157,9 +157,11 @@ def build_datasets(spec) -> tuple[Dataset, Dataset]:
     from mpvg.data.classification import build_dataset, build_transform
 
     for split in ("train", "val"):
-        check_dataset(spec.dataset, spec.dataset_root, split, spec.num_classes)
-    train = build_dataset(spec.dataset, spec.dataset_root, "train", build_transform(spec.recipe, True), spec.num_classes)
-    val = build_dataset(spec.dataset, spec.dataset_root, "val", build_transform(spec.recipe, False), spec.num_classes)
+        check_dataset(spec.dataset, spec.dataset_root, split, spec.num_classes, spec.classes)
+    train = build_dataset(spec.dataset, spec.dataset_root, "train", build_transform(spec.recipe, True), spec.num_classes,
+                          spec.classes)
+    val = build_dataset(spec.dataset, spec.dataset_root, "val", build_transform(spec.recipe, False), spec.num_classes,
+                        spec.classes)
     return train, val
 
 

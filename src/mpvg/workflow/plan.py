@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from mpvg.config import Cell, expand_cells, run_dir
+from mpvg.config import Cell, dataset_classes, expand_cells, run_dir
 
 # Jobs that train a cell, by Cell.stage; the rule name and the `mpvg` sub-command.
 CELL_STAGES = ("train", "finetune", "detect", "segment")
@@ -29,7 +29,7 @@ SCORES = "scores.json"      # final metrics (DVC metrics)
 HISTORY = "history.json"    # per-epoch / per-evaluation rows (DVC plots)
 JOB_LOG = "job.log"         # what the job printed (Snakemake log:)
 # The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).
-REPORT_FILES = ("tables.md", "README.md")
+REPORT_FILES = ("tables.md", "README.md", "claims.md")
 # Targets a researcher asks for by name (`snakemake table2`, `dvc repro table2`): the runs of those
 # tables (and the runs they start from), then those tables re-rendered (`mpvg report --only ...`).
 TABLE_TARGETS = {"table1": ("T1",), "table2": ("T2",), "table3": ("T3",), "table4": ("T4",),
@@ -45,6 +45,8 @@ TABLE_TARGETS = {"table1": ("T1",), "table2": ("T2",), "table3": ("T3",), "table
 # Adjust them here if your GPUs differ.
 GPUS = {"in1k": 4, "c100": 1, "coco": 4, "ade20k": 4}
 GPUS_BY_MODEL = {("in1k", "DeiT-B"): 8}
+# The budget scale runs every job on one GPU (docs/claims.md), at the same throughput per GPU.
+BUDGET_GPUS = 1
 IMAGES_PER_S_PER_GPU = {
     "DeiT-Ti": 2500, "DeiT-S": 1200, "DeiT-B": 450, "Swin-Ti": 650, "CeiT-Ti": 1500,
     "T2T-ViT-7": 1800, "ViT-Lite": 6000,
@@ -53,6 +55,9 @@ IMAGES_PER_S_PER_GPU = {
 }
 # Training-set sizes (images) of the real datasets.
 TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar100": 50_000, "coco": 118_287, "ade20k": 20_210}
+# A class subset of ImageNet (ImageNet-100) is planned at the most images an ImageNet-1K training
+# class holds (1300; classes hold 732-1300), so its cost is an upper bound.
+IMAGENET_MAX_PER_CLASS = 1300
 CPUS_PER_GPU = 8
 MEM_MB_PER_GPU = 48_000
 RUNTIME_SAFETY = 1.3        # evaluation, data loading stalls, restarts
@@ -63,16 +68,28 @@ MAX_RUNTIME_MIN = 48 * 60
 TINY = {"gpu": 0, "threads": 1, "cpus_per_task": 1, "mem_mb": 3000, "runtime": 30}
 
 
+def train_images(params: Mapping, dataset: str) -> int:
+    """Training images of ``dataset`` as configured: the real set, or ``classes`` x 1300 for an
+    ImageNet class subset (:data:`IMAGENET_MAX_PER_CLASS`)."""
+    classes = dataset_classes(params["datasets"][dataset])
+    if classes is not None:
+        return len(classes) * IMAGENET_MAX_PER_CLASS
+    return TRAIN_IMAGES[dataset]
+
+
 def epochs_images(params: Mapping, cell: Cell) -> int:
     """Images a job pushes through the network: epochs x training set (iterations x batch)."""
     recipe = params["recipes"][cell.recipe]
     if "iters" in recipe:
         return int(recipe["iters"]) * int(recipe["batch_size"])
     epochs = int(recipe["epochs"]) + int(recipe.get("cooldown_epochs", 0))
-    return epochs * TRAIN_IMAGES[cell.dataset]
+    return epochs * train_images(params, cell.dataset)
 
 
-def gpus_for(cell: Cell) -> int:
+def gpus_for(cell: Cell, scale: str = "paper") -> int:
+    """GPUs of a cell's job: :data:`GPUS` at the paper scale, :data:`BUDGET_GPUS` at the budget scale."""
+    if scale == "budget":
+        return BUDGET_GPUS
     return GPUS_BY_MODEL.get((cell.task, cell.model), GPUS[cell.task])
 
 
@@ -81,7 +98,8 @@ def throughput(cell: Cell) -> float:
 
 
 def paper_gpu_hours(params: Mapping, cell: Cell) -> float:
-    """Estimated GPU-hours of one seed of ``cell`` at the paper scale (no safety margin)."""
+    """Estimated GPU-hours of one seed of ``cell`` with the recipes of ``params`` (the paper or
+    the budget scale; no safety margin)."""
     return epochs_images(params, cell) / throughput(cell) / 3600.0
 
 
@@ -89,12 +107,12 @@ def cell_resources(params: Mapping, cell: Cell) -> dict:
     """Snakemake resources of one job: ``gpu``, ``threads`` (= ``cpus_per_task``, which the SLURM
     plugin reads), ``mem_mb``, ``runtime`` (minutes).
 
-    Tiny scale: CPU only, small. Paper scale: :data:`GPUS` GPUs, runtime from
-    :func:`paper_gpu_hours` divided over the GPUs with :data:`RUNTIME_SAFETY`.
+    Tiny scale: CPU only, small. Paper scale: :data:`GPUS` GPUs; budget scale: one GPU; runtime
+    from :func:`paper_gpu_hours` divided over the GPUs with :data:`RUNTIME_SAFETY`.
     """
-    if params["scale"] != "paper":
+    if params["scale"] not in ("paper", "budget"):
         return dict(TINY)
-    gpus = gpus_for(cell)
+    gpus = gpus_for(cell, params["scale"])
     hours = paper_gpu_hours(params, cell) / gpus * RUNTIME_SAFETY
     return {"gpu": gpus, "threads": gpus * CPUS_PER_GPU, "cpus_per_task": gpus * CPUS_PER_GPU, "mem_mb": gpus * MEM_MB_PER_GPU,
             "runtime": min(MAX_RUNTIME_MIN, max(MIN_RUNTIME_MIN, int(math.ceil(hours * 6)) * 10))}
@@ -184,20 +202,21 @@ def missing_inputs(params: Mapping) -> list[str]:
     return [f"{name}: {root}" for name, root in external_datasets(params).items() if not Path(root).exists()]
 
 
-def cell_params_keys(cell: Cell, tiny_keys: set | frozenset = frozenset()) -> list[str]:
+def cell_params_keys(cell: Cell, tiny_keys: set | frozenset = frozenset(), block: str = "tiny") -> list[str]:
     """The params.yaml keys a cell's job depends on (DVC ``params:``); ``tiny_keys`` are the
-    ``section.name`` entries the raw file's ``tiny`` block has (see :func:`tiny_keys_of`)."""
+    ``section.name`` entries the raw file's scale block ``block`` (``tiny`` or ``budget``) has
+    (see :func:`tiny_keys_of`)."""
     own = [f"models.{cell.model}", f"recipes.{cell.recipe}", f"datasets.{cell.dataset}"]
-    return ["scale", *own, *(f"tiny.{key}" for key in own if key in tiny_keys)]
+    return ["scale", *own, *(f"{block}.{key}" for key in own if key in tiny_keys)]
 
 
-def tiny_keys_of(params_file: str | Path) -> frozenset:
-    """``{"recipes.deit", "models.DeiT-Ti", ...}``: what the raw params file's ``tiny`` block sets."""
+def tiny_keys_of(params_file: str | Path, block: str = "tiny") -> frozenset:
+    """``{"recipes.deit", "models.DeiT-Ti", ...}``: what the raw params file's ``block`` sets."""
     import yaml
 
     raw = yaml.safe_load(Path(params_file).read_text()) or {}
-    return frozenset(f"{section}.{name}" for section, block in (raw.get("tiny") or {}).items()
-                     if isinstance(block, dict) for name in block)
+    return frozenset(f"{section}.{name}" for section, entries in (raw.get(block) or {}).items()
+                     if isinstance(entries, dict) for name in entries)
 
 
 def cell_dir(params: Mapping, stage: str, cell: str, seed: int) -> str:
@@ -205,7 +224,8 @@ def cell_dir(params: Mapping, stage: str, cell: str, seed: int) -> str:
 
 
 def cell_job(params: Mapping, cell: Cell, seed: int, params_file: str = "params.yaml",
-             overrides: tuple | list = (), cells: Mapping[str, Cell] | None = None, tiny_keys: frozenset = frozenset()) -> Job:
+             overrides: tuple | list = (), cells: Mapping[str, Cell] | None = None, tiny_keys: frozenset = frozenset(),
+             block: str = "tiny") -> Job:
     """The job that trains ``cell`` with ``seed``."""
     cells = cells if cells is not None else expand_cells(params)
     res = cell_resources(params, cell)
@@ -222,7 +242,7 @@ def cell_job(params: Mapping, cell: Cell, seed: int, params_file: str = "params.
         cmd += [INIT_FLAG[cell.stage], f"{init_dir}/{CHECKPOINT}"]
     return Job(rule=cell.stage, key=f"{cell.id}-seed{seed}", args=cmd, deps=deps,
                outs=[f"{out}/{RESULT}"], persist=[f"{out}/{CHECKPOINT}"], external=external,
-               params=cell_params_keys(cell, tiny_keys), resources=res, cell=cell.id, seed=seed,
+               params=cell_params_keys(cell, tiny_keys, block), resources=res, cell=cell.id, seed=seed,
                log=f"{out}/{JOB_LOG}", metrics=[f"{out}/{SCORES}"], plots=[f"{out}/{HISTORY}"])
 
 
@@ -234,7 +254,8 @@ def analysis_cells(cells: Mapping[str, Cell]) -> list[Cell]:
 def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tuple | list = ()) -> list[Job]:
     """Every job of the paper for ``params`` (already resolved by ``load_params``), in order."""
     cells = expand_cells(params)
-    tiny_keys = tiny_keys_of(params_file) if Path(params_file).is_file() else frozenset()
+    block = "budget" if params["scale"] == "budget" else "tiny"   # the scale block the cells read
+    tiny_keys = tiny_keys_of(params_file, block) if Path(params_file).is_file() else frozenset()
     seeds = list(params["seeds"])
     common = common_args(params_file, overrides)
     jobs: list[Job] = []
@@ -249,7 +270,8 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
     for stage in CELL_STAGES:
         for cell in cells.values():
             if cell.stage == stage:
-                jobs += [cell_job(params, cell, seed, params_file, overrides, cells=cells, tiny_keys=tiny_keys) for seed in seeds]
+                jobs += [cell_job(params, cell, seed, params_file, overrides, cells=cells, tiny_keys=tiny_keys,
+                                  block=block) for seed in seeds]
     figures = f"{reports}/figures"
     analysis_deps = [f"{cell_dir(params, c.stage, c.id, s)}/{RESULT}"
                      for c in analysis_cells(cells) for s in seeds]
