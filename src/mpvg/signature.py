@@ -61,9 +61,10 @@ def cell_inputs(spec, seed: int, init: str | None = None, fingerprint: bool = Tr
     recipe = {k: v for k, v in spec.recipe.items() if k not in NON_RESULT_RECIPE_KEYS}
     return _plain({
         "format": FORMAT, "cell": cell.id, "stage": cell.stage, "task": cell.task,
-        "model": cell.model, "method": cell.method,
+        "model": cell.model, "method": cell.method, "recipe_name": cell.recipe,
         "model_name": spec.model_name, "model_kwargs": spec.model_kwargs, "recipe": recipe,
         "dataset": {"name": spec.dataset, "root": str(spec.dataset_root), "num_classes": spec.num_classes,
+                    "classes": list(spec.classes) if getattr(spec, "classes", None) else None,
                     "fingerprint": dataset_fingerprint(spec.dataset, spec.dataset_root) if fingerprint else None},
         "seed": int(seed), "scale": spec.scale, "init": init,
     })

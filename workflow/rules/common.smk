@@ -74,13 +74,18 @@ if PLANNING:
             print(f"  ... and {len(todo) - 12} more (`mpvg status` lists them)", file=sys.stderr)
 
 
+PRODUCER = {out: key for key, job in JOBS.items() for out in job.outs}
+
+
 def job_inputs(job):
-    """What Snakemake sees as the job's inputs (see "the rerun rule" above)."""
+    """What Snakemake sees as the job's inputs (see "the rerun rule" above): nothing for a current
+    job; for a job that must run, its trigger, the outputs of jobs that must run too (plain, so
+    Snakemake orders and propagates), and ancient() outputs of current jobs."""
     if not PLANNING or job.target:
-        return [ancient(d) for d in job.deps]
+        return [ancient(d) if PRODUCER.get(d) not in TRIGGERS else d for d in job.deps]
     if (job.rule, job.key) not in TRIGGERS:
         return []
-    return [ancient(d) for d in job.deps] + [TRIGGERS[(job.rule, job.key)]]
+    return [d if PRODUCER.get(d) in TRIGGERS else ancient(d) for d in job.deps] + [TRIGGERS[(job.rule, job.key)]]
 
 
 # ------------------------------------------------------------------------------ start-up checks

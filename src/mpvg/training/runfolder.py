@@ -28,6 +28,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -45,9 +46,14 @@ LOCK_NAME = ".lock"
 RESULT_NAME = "result.json"
 SCORES_NAME = "scores.json"
 HISTORY_NAME = "history.json"
+# A second link to result.json: when a workflow tool deletes result.json before running a job again
+# (Snakemake's --rerun-incomplete after it was interrupted, DVC's repro), a run that had finished
+# gets it back as it was, instead of being evaluated (or trained) again.
+KEPT_NAME = ".result.kept.json"
 PREVIOUS_DIR = "previous"
 #: What a run folder holds besides the lock; moved aside together when the settings changed.
-STATE_FILES = ("checkpoint.pt", RESULT_NAME, SCORES_NAME, HISTORY_NAME, "metrics.jsonl", "model_card.md", "log.txt")
+STATE_FILES = ("checkpoint.pt", RESULT_NAME, KEPT_NAME, SCORES_NAME, HISTORY_NAME, "metrics.jsonl", "model_card.md",
+               "log.txt")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 ON_CHANGE = ("set-aside", "fail")
 
@@ -288,16 +294,32 @@ class RunFolder:
         runinfo.write_json_atomic(self.out / HISTORY_NAME, list(history if history is not None
                                                                 else result.get("history", [])))
         runinfo.write_json_atomic(self.out / RESULT_NAME, result)
+        keep_result(self.out)
         tracker.log_artifact(self.out / RESULT_NAME)
         return result
 
 
-def _decide(out: Path, inputs: dict, resume: bool) -> tuple[str, list[str], dict | None]:
+def keep_result(out: Path) -> None:
+    """``.result.kept.json``: a hard link to result.json (a copy where links are not possible)."""
+    kept = out / KEPT_NAME
+    with contextlib.suppress(FileNotFoundError):
+        kept.unlink()
+    try:
+        os.link(out / RESULT_NAME, kept)
+    except OSError:
+        shutil.copy2(out / RESULT_NAME, kept)
+
+
+def _decide(out: Path, inputs: dict, resume: bool, notes: list[str]) -> tuple[str, list[str], dict | None]:
     """``(decision, reasons, checkpoint)`` for what ``out`` holds (rank 0): decision is ``resume``,
     ``finished``, ``fresh`` or ``set-aside``; the checkpoint is returned loaded when resuming."""
     from mpvg.training.checkpoint import load_checkpoint
 
     ckpt_path, result_path = out / "checkpoint.pt", out / RESULT_NAME
+    kept = _read_json(out / KEPT_NAME) if not result_path.exists() and (out / KEPT_NAME).exists() else None
+    if kept is not None and ckpt_path.exists() and not differences(kept.get("signature_inputs"), inputs):
+        shutil.copy2(out / KEPT_NAME, result_path)  # result.json was deleted after the run had finished
+        notes.append(f"{result_path}: restored from {KEPT_NAME} (the run had finished with these settings)")
     result = _read_json(result_path) if result_path.exists() else None
     ckpt = None
     if ckpt_path.exists():
@@ -355,7 +377,7 @@ def open_run(out: str | os.PathLike, inputs: dict, device: str = "auto", resume:
         if dist.is_main:
             notes = [f"removed {p.name}, left by a writer that was killed" for p in remove_stale_temp_files(out)]
             try:
-                decision, reasons, ckpt = _decide(out, inputs, resume)
+                decision, reasons, ckpt = _decide(out, inputs, resume, notes)
             except FileExistsError as err:
                 decision, reasons = "error", [str(err)]
             if decision == "set-aside" and on_change == "set-aside":

@@ -21,6 +21,15 @@ def register(subparsers) -> None:
     p.add_argument("--check", action="store_true", help="only compare: exit 1 when --out differs")
     p.set_defaults(func=cmd_dvc_yaml)
 
+    p = sub.add_parser("signatures", help="write each run's settings file (runs/.signatures/; DVC's first stage)",
+                       description="Write <paths.runs>/.signatures/<stage>@<cell>-seed<k>.json for every run of the "
+                       "plan: the settings that decide its result (its run signature without the dataset's "
+                       "contents). dvc.yaml's first stage runs this; each run's stage depends on its own file, "
+                       "so DVC reruns exactly the runs whose settings changed. A file whose content is "
+                       "unchanged is not rewritten.")
+    add_params_arguments(p)
+    p.set_defaults(func=cmd_signatures)
+
     p = sub.add_parser("cost", help="GPU-hours per cell at the paper (default) or budget scale (the README's cost tables)",
                        description="Planned GPU-hours per cell and seed from the recipes; the total is for --seeds N "
                                    "seeds (default: the params' seeds). --set scale=budget gives the budget scale "
@@ -83,7 +92,7 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
 
     from mpvg.workflow.dvcyaml import render
 
-    text = render(_plan(args))
+    text = render(_plan(args), args.params)
     out = Path(args.out)
     if args.check:
         if not out.is_file() or out.read_text() != text:
@@ -94,6 +103,26 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
         return 0
     out.write_text(text)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_signatures(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from mpvg.workflow.state import run_settings
+
+    params = _params(args)
+    changed = 0
+    settings = run_settings(params, _plan(args))
+    for path, value in settings.items():
+        text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+        file = Path(path)
+        if not file.is_file() or file.read_text() != text:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(text)
+            changed += 1
+    print(f"mpvg workflow signatures: {len(settings)} runs, {changed} settings file(s) changed")
     return 0
 
 

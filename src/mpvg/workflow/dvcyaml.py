@@ -29,34 +29,23 @@ HEADER = """\
 def _item(job: Job) -> dict:
     item = {"cmd": job.shell(), "result": job.outs[0], "checkpoint": job.persist[0],
             "scores": job.metrics[0], "history": job.plots[0]}
-    for i, dep in enumerate(job.deps + job.external):
+    for i, dep in enumerate([job.settings] + job.deps + job.external):
         item[f"dep{i}"] = dep
     return item
-
-
-def _params_template(jobs: list[Job]) -> list[str]:
-    """The params entries of a group as ``${item.pK}`` templates (same count for every item)."""
-    counts = {len(j.params) for j in jobs}
-    if len(counts) != 1:
-        raise ValueError(f"stage {jobs[0].rule}: items depend on different numbers of params {sorted(counts)}")
-    return [f"${{item.p{i}}}" for i in range(counts.pop())]
 
 
 def _group(jobs: list[Job]) -> dict:
     ndeps = {len(j.deps) + len(j.external) for j in jobs}
     if len(ndeps) != 1:
         raise ValueError(f"stage {jobs[0].rule}: items have different numbers of deps {sorted(ndeps)}")
-    items = {}
-    for job in jobs:
-        item = _item(job)
-        item.update({f"p{i}": key for i, key in enumerate(job.params)})
-        items[job.key] = item
+    items = {job.key: _item(job) for job in jobs}
     return {
         "foreach": items,
         "do": {
             "cmd": "${item.cmd}",
-            "deps": [f"${{item.dep{i}}}" for i in range(ndeps.pop())],
-            "params": _params_template(jobs),
+            # the run's settings file first: DVC reruns a run when its settings changed (the same
+            # rule as Snakemake's), when its data or the run it starts from changed
+            "deps": [f"${{item.dep{i}}}" for i in range(ndeps.pop() + 1)],
             "outs": ["${item.result}", {"${item.checkpoint}": {"persist": True}}],
             "metrics": [{"${item.scores}": {"cache": False}}],
             "plots": [{"${item.history}": {"cache": False, "x": "iter" if jobs[0].rule in ("detect", "segment")
@@ -76,9 +65,24 @@ def _single(job: Job, cache: bool) -> dict:
     return stage
 
 
-def dvc_stages(jobs: list[Job]) -> dict:
-    """``{"stages": {...}}`` for :func:`mpvg.workflow.plan.build_plan`'s jobs."""
-    stages: dict = {}
+SETTINGS_PARAMS = ("scale", "seeds", "models", "recipes", "datasets", "grid", "tiny", "budget")
+
+
+def _signatures_stage(jobs: list[Job], params_keys: list[str]) -> dict:
+    """The stage that writes every run's settings file from params.yaml (cheap; runs whenever
+    params.yaml's result-deciding sections change; each run depends only on its own file)."""
+    cells = [j for j in jobs if j.cell]
+    common = next(iter(cells)).args
+    i = common.index("--params")
+    args = ["workflow", "signatures", *common[i:common.index("--cell")]]
+    return {"cmd": " ".join(["mpvg", *args]), "params": params_keys,
+            "outs": [{j.settings: {"cache": False}} for j in cells]}
+
+
+def dvc_stages(jobs: list[Job], params_keys: list[str] | None = None) -> dict:
+    """``{"stages": {...}}`` for :func:`mpvg.workflow.plan.build_plan`'s jobs; ``params_keys``:
+    the top-level params.yaml sections the settings stage reads (default: all that decide results)."""
+    stages: dict = {"signatures": _signatures_stage(jobs, list(params_keys or SETTINGS_PARAMS))}
     for job in jobs:
         if not job.key:
             stages[job.rule] = _single(job, cache=job.rule == "data_tiny")
@@ -87,14 +91,17 @@ def dvc_stages(jobs: list[Job]) -> dict:
         if group:
             stages[stage] = _group(group)
     # keep the DAG order: data first, cells, then analysis, report and the per-table targets
-    order = ["data_tiny", *CELL_STAGES, "analyze", "report", *TABLE_TARGETS]
+    order = ["signatures", "data_tiny", *CELL_STAGES, "analyze", "report", *TABLE_TARGETS]
     return {"stages": {name: stages[name] for name in order if name in stages}}
 
 
-def render(jobs: list[Job]) -> str:
+def render(jobs: list[Job], params_file: str = "params.yaml") -> str:
     import yaml
+    from pathlib import Path
 
-    return HEADER + yaml.safe_dump(dvc_stages(jobs), sort_keys=False, width=1000, default_flow_style=False)
+    raw = yaml.safe_load(Path(params_file).read_text()) if Path(params_file).is_file() else {}
+    keys = [k for k in SETTINGS_PARAMS if k in (raw or {})] if raw else None
+    return HEADER + yaml.safe_dump(dvc_stages(jobs, keys), sort_keys=False, width=1000, default_flow_style=False)
 
 
 def stale_under_dvc(params_file: str, overrides: list, params: dict) -> str | None:
@@ -112,12 +119,12 @@ def stale_under_dvc(params_file: str, overrides: list, params: dict) -> str | No
         return None
     path = Path(os.environ.get("DVC_ROOT", ".")) / "dvc.yaml"
     jobs = build_plan(params, params_file, overrides)
-    if not path.is_file() or path.read_text() == render(jobs):
+    if not path.is_file() or path.read_text() == render(jobs, params_file):
         return None
     have = yaml.safe_load(path.read_text()).get("stages", {})
     names = {f"{name}@{key}" if isinstance(st, dict) and "foreach" in st else name
              for name, st in have.items() for key in (st.get("foreach", {None: 0}) if isinstance(st, dict) else [None])}
-    missing = sorted(j.stage_name for j in jobs if j.stage_name not in names)
+    missing = [j.stage_name for j in jobs if j.stage_name not in names]  # plan order
     what = (f"params.yaml now plans stages that dvc.yaml lacks ({', '.join(missing[:4])}"
             f"{' ...' if len(missing) > 4 else ''})" if missing else "dvc.yaml differs from what params.yaml gives")
     return (f"{what}: run `mpvg workflow dvc-yaml` (it rewrites dvc.yaml from params.yaml), then "

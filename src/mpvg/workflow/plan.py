@@ -28,6 +28,7 @@ CHECKPOINT = "checkpoint.pt"
 SCORES = "scores.json"      # final metrics (DVC metrics)
 HISTORY = "history.json"    # per-epoch / per-evaluation rows (DVC plots)
 JOB_LOG = "job.log"         # what the job printed (Snakemake log:)
+SETTINGS_DIR = ".signatures"  # under paths.runs: each run's settings, DVC's dependency (mpvg workflow signatures)
 # The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).
 REPORT_FILES = ("tables.md", "README.md", "claims.md")
 # Targets a researcher asks for by name (`snakemake table2`, `dvc repro table2`): the runs of those
@@ -148,6 +149,7 @@ class Job:
     metrics: list[str] = field(default_factory=list)   # DVC metrics files (cache: false)
     plots: list[str] = field(default_factory=list)     # DVC plots files (cache: false)
     target: bool = False             # a target a researcher asks for (table1, ...): no outputs, always runs
+    settings: str | None = None      # DVC only: the run's settings file (its dependency on params.yaml)
 
     @property
     def stage_name(self) -> str:
@@ -243,7 +245,8 @@ def cell_job(params: Mapping, cell: Cell, seed: int, params_file: str = "params.
     return Job(rule=cell.stage, key=f"{cell.id}-seed{seed}", args=cmd, deps=deps,
                outs=[f"{out}/{RESULT}"], persist=[f"{out}/{CHECKPOINT}"], external=external,
                params=cell_params_keys(cell, tiny_keys, block), resources=res, cell=cell.id, seed=seed,
-               log=f"{out}/{JOB_LOG}", metrics=[f"{out}/{SCORES}"], plots=[f"{out}/{HISTORY}"])
+               log=f"{out}/{JOB_LOG}", metrics=[f"{out}/{SCORES}"], plots=[f"{out}/{HISTORY}"],
+               settings=f"{params['paths']['runs']}/{SETTINGS_DIR}/{cell.stage}@{cell.id}-seed{seed}.json")
 
 
 def analysis_cells(cells: Mapping[str, Cell]) -> list[Cell]:

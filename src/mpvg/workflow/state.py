@@ -205,3 +205,24 @@ def seen_record(params: Mapping, rule: str, runs: str | Path | None = None) -> d
     parents = [states[(p.rule, p.key)] for p in parents_of(job, by_out) if p.cell]
     inputs = seen_aggregate(params, rule, parents)
     return {"signature": digest(inputs), "signature_inputs": inputs}
+
+
+def run_settings(params: Mapping, jobs: list) -> dict[str, dict]:
+    """``{settings file: settings}`` of every run of the plan: its signature inputs without the
+    dataset's contents (DVC hashes the dataset itself) and with the start point's settings digest
+    as ``init``. ``mpvg workflow signatures`` writes them; each DVC stage depends on its own file,
+    so DVC reruns exactly the runs whose settings changed, as Snakemake does."""
+    from mpvg.signature import cell_inputs, digest
+
+    by_out = {out: job for job in jobs for out in job.outs}
+    digests: dict[tuple, str] = {}
+    out: dict[str, dict] = {}
+    for job in jobs:
+        if not job.cell:
+            continue
+        parents = [p for p in parents_of(job, by_out) if p.cell]
+        init = digests[(parents[0].rule, parents[0].key)] if parents else None
+        settings = cell_inputs(resolve_run(params, job.cell), job.seed, init, fingerprint=False)
+        digests[(job.rule, job.key)] = digest(settings)
+        out[job.settings] = settings
+    return out

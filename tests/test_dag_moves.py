@@ -1,0 +1,271 @@
+"""The researcher's moves after a finished tiny DAG: the exact plan of `snakemake -n` per move, the
+same plan from DVC, and nothing rerun by file times (docs/workflow.md, "The rerun rule").
+
+A finished DAG is made in seconds instead of trained: every run's result.json is stamped with the
+signature the current params give it (computed here from the definition in mpvg.signature, so the
+planner is checked, not reused), checkpoints are placeholders, analyze/report carry their records.
+The real rerun of one move through to the report is test_a_changed_recipe_reruns_to_the_report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run
+from mpvg.config import load_params, resolve_run
+from mpvg.signature import cell_inputs, digest
+from mpvg.workflow import plan as wf
+
+pytestmark = pytest.mark.usefixtures("tiny_datasets")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    from mpvg.data.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("dagdata") / "tiny"
+    make_tiny(root)
+    return root
+
+
+@pytest.fixture
+def tiny_datasets(workdir, tiny_data_dir):
+    shutil.copytree(tiny_data_dir, workdir / "data" / "tiny")
+
+
+def git_commit_all(repo: Path) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "state", "--allow-empty"],
+                   cwd=repo, check=True, capture_output=True)
+
+
+def fabricate_finished(repo: Path, overrides: list[str] | None = None) -> list:
+    """Every output of the DAG as a finished run of the current params would leave it."""
+    cwd = os.getcwd()
+    os.chdir(repo)  # dataset roots and run folders are relative to the project
+    try:
+        params = load_params("params.yaml", overrides)
+        jobs = wf.build_plan(params)
+        by_out = {o: j for j in jobs for o in j.outs}
+        signature: dict = {}
+        for job in jobs:
+            if job.cell:
+                parent = next((by_out[d] for d in job.deps if d in by_out and by_out[d].cell), None)
+                inputs = cell_inputs(resolve_run(params, job.cell), job.seed,
+                                     signature[parent.outs[0]] if parent else None)
+                signature[job.outs[0]] = digest(inputs)
+                folder = Path(job.outs[0]).parent
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "checkpoint.pt").write_bytes(b"placeholder")
+                (folder / "scores.json").write_text('{"top1": 50.0}\n')
+                (folder / "history.json").write_text('[{"epoch": 1, "train_loss": 1.0}]\n')
+                result = {"cell": job.cell, "stage": job.rule, "seed": job.seed, "scale": params["scale"],
+                          "metrics": {"top1": 50.0, "top5": 90.0, "loss": 1.0, "bbox_ap": 1.0, "segm_ap": 1.0,
+                                      "miou": 1.0},
+                          "signature": signature[job.outs[0]], "signature_inputs": inputs, "git_commit": "f00"}
+                Path(job.outs[0]).write_text(json.dumps(result))
+        from mpvg.workflow.state import seen_record
+
+        figures = Path(params["paths"]["reports"]) / "figures"
+        figures.mkdir(parents=True, exist_ok=True)
+        (figures / "analysis.json").write_text(json.dumps({"figures": {}, **seen_record(params, "analyze")}))
+        reports = Path(params["paths"]["reports"])
+        for name in wf.REPORT_FILES:
+            (reports / name).write_text("made\n")
+        (reports / "build.json").write_text(json.dumps(seen_record(params, "report")))
+        return jobs
+    finally:
+        os.chdir(cwd)
+
+
+def planned(repo: Path, *args: str) -> dict[str, set]:
+    """``{rule: {first output of each job}}`` of `snakemake -n` (the final `all` left out)."""
+    res = run(["snakemake", "-n", *args], repo, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:]
+    jobs: dict[str, set] = {}
+    rule = None
+    for line in res.stdout.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line)
+        if m:
+            rule = m.group(1)
+        elif rule and line.strip().startswith("output: "):
+            jobs.setdefault(rule, set()).add(sorted(line.strip()[len("output: "):].split(", "))[0])
+            rule = None
+        elif rule and not line.strip():
+            if rule != "all":
+                jobs.setdefault(rule, set())
+            rule = None
+    jobs.pop("all", None)
+    return jobs
+
+
+def counts(plan: dict[str, set]) -> dict[str, int]:
+    return {rule: len(outs) for rule, outs in plan.items() if outs}
+
+
+def dvc_plan(repo: Path) -> dict[str, set]:
+    """What DVC reruns: the stages `dvc status` finds changed once the settings stage has run, and
+    every stage downstream of them (a rerun run writes a new result.json), as ``{rule: {output}}``."""
+    res = run(["dvc", "repro", "--single-item", "signatures"], repo, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:]
+    status = run(["dvc", "status", "--json"], repo, timeout=300)
+    assert status.returncode == 0, status.stdout[-3000:]
+    changed = {name for name in json.loads(status.stdout or "{}") if not name.startswith("signatures")}
+    jobs = wf.build_plan(load_params(repo / "params.yaml"))
+    by_name = {j.stage_name: j for j in jobs}
+    by_out = {o: j for j in jobs for o in j.outs}
+    todo = {by_name[n] .stage_name for n in changed if n in by_name and not by_name[n].target}
+    grew = True
+    while grew:  # downstream closure; data_tiny's rerun makes the same data, so it reruns nothing
+        grew = False
+        for job in jobs:
+            if job.stage_name in todo or job.target:
+                continue
+            if any(d in by_out and by_out[d].stage_name in todo and by_out[d].rule != "data_tiny" for d in job.deps):
+                todo.add(job.stage_name)
+                grew = True
+    plan: dict[str, set] = {}
+    for name in todo:
+        job = by_name[name]
+        plan.setdefault(job.rule, set()).add(sorted(job.outs)[0])
+    return plan
+
+
+def commit_dvc_state(repo: Path) -> None:
+    res = run(["mpvg", "workflow", "signatures"], repo)
+    assert res.returncode == 0, res.stdout
+    res = run(["dvc", "commit", "--force", "--quiet"], repo, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    git_commit_all(repo)
+
+
+def edit_params(repo: Path, edit) -> None:
+    """Change params.yaml as a researcher would (and regenerate dvc.yaml when the grid changes)."""
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    edit(data)
+    (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# ------------------------------------------------------------------------------ the moves
+def test_a_finished_dag_has_nothing_to_do_whatever_the_file_times(workdir):
+    fabricate_finished(workdir)
+    res = run(["snakemake", "-n"], workdir)
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout, res.stdout[-2000:]
+    assert "jobs must run" not in res.stdout
+    # touch every file, in an order that makes inputs newer than what depends on them
+    files = sorted(p for p in workdir.rglob("*") if p.is_file() and ".git" not in p.parts)
+    now = time.time()
+    for i, path in enumerate(reversed(files)):
+        os.utime(path, (now + i, now + i))
+    res = run(["snakemake", "-n"], workdir)
+    assert "Nothing to be done" in res.stdout, res.stdout[-2000:]
+
+
+def test_a_restore_with_fresh_files_reruns_nothing(workdir, tmp_path):
+    """As `dvc checkout` / `dvc pull` do: the outputs come back as new files."""
+    fabricate_finished(workdir)
+    for folder in ("runs", "reports"):
+        shutil.copytree(workdir / folder, tmp_path / folder)
+        shutil.rmtree(workdir / folder)
+        shutil.copytree(tmp_path / folder, workdir / folder, copy_function=shutil.copy)  # new mtimes
+    res = run(["snakemake", "-n"], workdir)
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout, res.stdout[-2000:]
+
+
+T2T = ["default", "lape", "pvg", "mpvg"]
+
+
+@pytest.mark.parametrize("move, expected", [
+    # one recipe value: the 4 T2T-ViT-7 ImageNet runs, the CIFAR-100 runs that start from them,
+    # the figures (they read ImageNet checkpoints) and the report
+    (lambda p: p["tiny"]["recipes"]["t2t"].__setitem__("epochs", 4),
+     {"train": 4, "finetune": 4, "analyze": 1, "report": 1}),
+    # one model's PE override: only that cell (Swin-Ti PVG), the figures and the report
+    (lambda p: p["models"]["Swin-Ti"]["method_pe_overrides"]["PVG"].__setitem__("include_layer0", False),
+     {"train": 1, "analyze": 1, "report": 1}),
+])
+def test_a_changed_setting_reruns_exactly_its_runs_and_everything_downstream(workdir, move, expected):
+    fabricate_finished(workdir)
+    commit_dvc_state(workdir)
+    edit_params(workdir, move)
+    smk = planned(workdir)
+    assert counts(smk) == expected
+    assert smk == dvc_plan(workdir)  # the same rerun rule in DVC
+
+
+def test_a_deleted_result_reruns_that_run_and_what_starts_from_it(workdir):
+    fabricate_finished(workdir)
+    commit_dvc_state(workdir)
+    gone = workdir / "runs/train/in1k-deit_ti-mpvg/seed0/result.json"
+    gone.unlink()
+    smk = planned(workdir)
+    assert counts(smk) == {"train": 1, "detect": 1, "segment": 1, "analyze": 1, "report": 1}
+    assert "runs/detect/coco-deit_ti-mpvg/seed0/result.json" in smk["detect"]
+    assert smk == dvc_plan(workdir)
+
+
+def test_a_deleted_report_folder_reruns_the_figures_and_the_report_only(workdir):
+    fabricate_finished(workdir)
+    shutil.rmtree(workdir / "reports")
+    assert counts(planned(workdir)) == {"analyze": 1, "report": 1}
+
+
+def test_a_new_seed_adds_its_runs_and_the_report(workdir):
+    fabricate_finished(workdir)
+    plan = planned(workdir, "--config", 'set=["seeds=[0,1]"]')
+    cells = wf.expand_cells(load_params(workdir / "params.yaml"))
+    new = {c.stage: 0 for c in cells.values()}
+    for c in cells.values():
+        new[c.stage] += 1
+    assert counts(plan) == {**new, "analyze": 1, "report": 1}
+    assert all("/seed1/" in out for rule in wf.CELL_STAGES for out in plan.get(rule, ()))
+
+
+def test_a_target_table_plans_only_its_runs_and_their_start_points(workdir):
+    fabricate_finished(workdir)
+    edit_params(workdir, lambda p: p["tiny"]["recipes"]["t2t"].__setitem__("epochs", 4))
+    edit_params(workdir, lambda p: p["tiny"]["recipes"]["deit"].__setitem__("epochs", 4))  # not in Table 2
+    plan = planned(workdir, "table2")
+    assert counts(plan) == {"train": 4, "finetune": 4}
+    assert all("t2t_vit_7" in out for out in plan["train"])
+    res = run(["snakemake", "-n", "table2"], workdir)
+    assert "rule table2:" in res.stdout or "localrule table2:" in res.stdout
+
+
+def test_dvc_exp_run_applies_the_override_reruns_the_stage_and_keeps_params_byte_stable(workdir):
+    """`dvc exp run -S` on one stage: its settings changed, so that run (alone) trains again with
+    the new value; params.yaml differs from before only in the changed line."""
+    fabricate_finished(workdir)
+    commit_dvc_state(workdir)
+    before = (workdir / "params.yaml").read_text().splitlines()
+    stage = "train@c100-vit_lite-mpvg-seed0"
+    res = run(["dvc", "exp", "run", stage, "-S", "tiny.recipes.vit_lite_c100.epochs=1"], workdir, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    after = (workdir / "params.yaml").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 1, changed
+    assert changed[0][1].strip().startswith("epochs: 1")
+    assert f"Running stage '{stage}'" in res.stdout, res.stdout[-3000:]
+    assert res.stdout.count("Running stage 'train@") == 1  # no other run
+    result = json.loads((workdir / "runs/train/c100-vit_lite-mpvg/seed0/result.json").read_text())
+    assert result["signature_inputs"]["recipe"]["epochs"] == 1 and len(result["history"]) == 1
+    show = run(["dvc", "exp", "show", "--no-pager", "--json"], workdir)
+    assert show.returncode == 0 and "scores.json" in show.stdout
+
+
+def test_seeds_changed_under_dvc_stop_with_what_to_run(workdir):
+    fabricate_finished(workdir)
+    commit_dvc_state(workdir)
+    edit_params(workdir, lambda p: p.__setitem__("seeds", [0, 1]))
+    res = run(["dvc", "repro", "--single-item", "signatures"], workdir, timeout=300)
+    assert res.returncode != 0
+    assert "params.yaml now plans stages that dvc.yaml lacks (train@in1k-deit_ti-default-seed1" in res.stdout
+    assert "run `mpvg workflow dvc-yaml`" in res.stdout
