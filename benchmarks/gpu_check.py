@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -341,7 +340,7 @@ def nccl_child(result: Path, root: Path, device_name: str, smoke: bool) -> int:
 
 
 def section_downstream(cfg) -> dict:
-    from bench_downstream import synthetic_batch
+    from bench_downstream import median_step_s, synthetic_batch
 
     from mpvg.config import resolve_run
     from mpvg.downstream.engine import _adapter_of, build_task_model, param_groups
@@ -375,17 +374,8 @@ def section_downstream(cfg) -> dict:
                     opt.step()
                     losses.append(loss.detach())
 
-                for _ in range(cfg.warmup):
-                    step()
-                times = []
-                for _ in range(cfg.iters):
-                    sync(device)
-                    t0 = time.perf_counter()
-                    step()
-                    sync(device)
-                    times.append(time.perf_counter() - t0)
+                med = median_step_s(step, cfg.warmup, cfg.iters, device)
             check_finite(losses, f"{task} {label}")
-            med = statistics.median(times)
             rows.append({"task": task, "model": "Mask R-CNN" if task == "detect" else "UperNet", "precision": str(amp),
                          "crop": crop, "batch": batch, "iters_per_s": round(1 / med, 3),
                          "images_per_s": round(batch / med, 2),
