@@ -186,7 +186,10 @@ def main(argv=None) -> int:
     size = (int(w), int(h or w))
     tmp = None if args.root else tempfile.TemporaryDirectory()
     root = Path(args.root or tmp.name)
-    kb = write_jpegs(root, args.images, size) if not (root / "train").is_dir() else float("nan")
+    if not (root / "train").is_dir():
+        write_jpegs(root, args.images, size)
+    files = list((root / "train").rglob("*.JPEG"))
+    kb = sum(f.stat().st_size for f in files) / max(len(files), 1) / 1024
     recipe = deit_recipe()
     try:
         if args.workers > 0:

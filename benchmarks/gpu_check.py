@@ -394,6 +394,7 @@ def section_deform_attn(cfg) -> dict:
     shapes = [(crop // 8, crop // 8), (crop // 16, crop // 16), (crop // 32, crop // 32)]  # SPM c2, c3, c4
     lq = (crop // 16) ** 2  # the ViT tokens query (injector)
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the projections' Xavier init
     attn = MSDeformAttn(d_model=192, n_levels=3, n_heads=6, n_points=4).to(device)
     with torch.no_grad():  # offsets and weights that depend on the query, as after training
         attn.sampling_offsets.weight.copy_(torch.randn(attn.sampling_offsets.weight.shape, generator=g) * 0.05)
