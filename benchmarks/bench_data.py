@@ -163,6 +163,46 @@ def cores_per_gpu(per_core: float) -> list[dict]:
     return rows
 
 
+def draft_report(root: Path, recipe: dict, seeds: int = 4) -> dict:
+    """Reduced-size JPEG decoding against timm's full decode, same crop draws: the share of crops
+    decoded reduced, the mean |pixel difference| (0-255) of the 224 crops, and ms per crop both ways."""
+    import random
+
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    from mpvg.data.classification import DraftRandomResizedCrop, decode_image
+
+    rrc = RandomResizedCropAndInterpolation(recipe["img_size"], scale=tuple(recipe["scale"]),
+                                            interpolation=recipe["train_interpolation"])
+    draft = DraftRandomResizedCrop(rrc)
+    files = sorted(str(f) for f in (root / "train").rglob("*.JPEG"))
+    diffs, reduced, t_full, t_draft = [], 0, 0.0, 0.0
+    for seed in range(seeds):
+        for i, path in enumerate(files):
+            random.seed(seed * 100003 + i)
+            c0 = time.process_time()
+            ref = np.asarray(rrc(decode_image(path)), np.float32)
+            t_full += time.process_time() - c0
+            random.seed(seed * 100003 + i)
+            c0 = time.process_time()
+            img = decode_image(path, lazy=True)
+            out = np.asarray(draft(img), np.float32)
+            t_draft += time.process_time() - c0
+            reduced += img.size != image_size(path)
+            diffs.append(float(np.abs(out - ref).mean()))
+    n = len(diffs)
+    return {"crops": n, "reduced_share": round(reduced / n, 3), "mean_abs_diff": round(float(np.mean(diffs)), 3),
+            "max_mean_abs_diff": round(float(np.max(diffs)), 3), "ms_full_decode": round(t_full / n * 1e3, 3),
+            "ms_draft_decode": round(t_draft / n * 1e3, 3)}
+
+
+def image_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vs-timm", action="store_true", help="also time timm's create_loader, interleaved")
     ap.add_argument("--no-timm-prefetcher", action="store_true",
                     help="timm with use_prefetcher=False (normalise/erase per sample, like DeiT's main.py)")
+    ap.add_argument("--draft-report", action="store_true",
+                    help="only compare reduced-size JPEG decoding with timm's full decode (same crops)")
     ap.add_argument("--root", default=None, help="reuse/keep the JPEG folder here (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args = ap.parse_args(argv)
@@ -192,6 +234,10 @@ def main(argv=None) -> int:
     kb = sum(f.stat().st_size for f in files) / max(len(files), 1) / 1024
     recipe = deit_recipe()
     try:
+        if args.draft_report:
+            print(json.dumps({"src_size": f"{size[0]}x{size[1]}", "jpeg_kb": round(kb, 1),
+                              **draft_report(root, recipe)}))
+            return 0
         if args.workers > 0:
             res = {"ours": time_pass(ours_loader(root, recipe, args.batch_size, args.workers))}
             r = res["ours"]

@@ -83,6 +83,8 @@ def test_bf16_train_and_eval_steps_match_fp32(tiny_params, family):
         with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
             assert model(x).dtype == (amp or torch.float32)  # autocast really ran the model in bf16
         assert all(torch.isfinite(torch.tensor(v)) for v in (losses[name], second, *evals[name].values()))
+    print(f"{family}: bf16 - fp32 train loss {losses['bf16'] / losses['fp32'] - 1:+.3%}, "
+          f"eval loss {evals['bf16']['loss'] / evals['fp32']['loss'] - 1:+.3%}")  # pytest -s
     assert close(losses["bf16"], losses["fp32"]), (family, losses)
     assert close(evals["bf16"]["loss"], evals["fp32"]["loss"]), (family, evals)
 
@@ -141,6 +143,7 @@ def test_bf16_downstream_train_and_eval_steps_match_fp32(tiny_params, task):
                 assert label.shape == (1, crop, crop) and label.dtype == torch.int64
                 outs[name] = label
     total = {k: sum(v.values()) for k, v in losses.items()}
+    print(f"{task}: bf16 - fp32 loss sum {total['bf16'] / total['fp32'] - 1:+.3%}")  # pytest -s
     assert close(total["bf16"], total["fp32"]), (task, losses)
     if task == "segment":  # the same prediction nearly everywhere
         agree = (outs["bf16"] == outs["fp32"]).float().mean().item()
