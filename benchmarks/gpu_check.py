@@ -133,8 +133,9 @@ class Mem:
             self.peak_gib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**30
 
 
-def step_fn(model, recipe: dict, device: torch.device, amp_dtype, clip_grad=None):
-    """``step(x, y) -> loss``: the engine's train step with the engine's AdamW groups."""
+def step_fn(model, recipe: dict, device: torch.device, amp_dtype, clip_grad=None, wrapped=None):
+    """``step(x, y) -> loss``: the engine's train step with the engine's AdamW groups (of the plain
+    ``model``; ``wrapped``, a torch.compile or DDP wrapper of it, runs the step)."""
     import timm.optim
 
     from mpvg.training.engine import param_groups, train_step
@@ -143,11 +144,11 @@ def step_fn(model, recipe: dict, device: torch.device, amp_dtype, clip_grad=None
                                          weight_decay=recipe["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = torch.nn.CrossEntropyLoss()
-    model.train()
+    run = (model if wrapped is None else wrapped).train()
     losses = []
 
     def step(x, y):
-        loss = train_step(model, x, y, criterion, opt, scaler, amp_dtype, clip_grad)
+        loss = train_step(run, x, y, criterion, opt, scaler, amp_dtype, clip_grad)
         losses.append(loss.detach())
         return loss
 
@@ -243,7 +244,8 @@ def section_compile(cfg) -> dict:
     eager_model = build_model(spec).to(device)
     compiled_model = copy.deepcopy(eager_model)
     eager = step_fn(eager_model, spec.recipe, device, torch.bfloat16)
-    compiled = step_fn(torch.compile(compiled_model, backend=cfg.compile_backend), spec.recipe, device, torch.bfloat16)
+    compiled = step_fn(compiled_model, spec.recipe, device, torch.bfloat16,
+                       wrapped=torch.compile(compiled_model, backend=cfg.compile_backend))
     eager(x, y)
     sync(device)
     t0 = time.perf_counter()
@@ -313,7 +315,7 @@ def nccl_child(result: Path, root: Path, device_name: str, smoke: bool) -> int:
     model = build_model(spec).to(dev)
     ddp = torch.nn.parallel.DistributedDataParallel(  # as engine._train wraps it
         model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
-    step = step_fn(ddp, spec.recipe, dev, amp)
+    step = step_fn(model, spec.recipe, dev, amp, wrapped=ddp)
     size, batch = spec.recipe["img_size"], spec.recipe["batch_size"] // world
     x = torch.randn(batch, 3, size, size).pin_memory() if dev.type == "cuda" else torch.randn(batch, 3, size, size)
     y = torch.randint(0, spec.num_classes, (batch,))
