@@ -78,7 +78,7 @@ def test_bf16_train_and_eval_steps_match_fp32(tiny_params, family):
         loss = train_step(model.train(), x, y, torch.nn.CrossEntropyLoss(), opt, scaler, amp, clip_grad=1.0)
         assert loss.dtype == torch.float32  # cross-entropy is autocast to fp32
         losses[name] = float(loss.detach())
-        second = float(train_step(model, x, y, torch.nn.CrossEntropyLoss(), opt, scaler, amp))
+        second = float(train_step(model, x, y, torch.nn.CrossEntropyLoss(), opt, scaler, amp).detach())
         evals[name] = evaluate(model, [(x, y)], torch.device("cpu"), amp)
         with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
             assert model(x).dtype == (amp or torch.float32)  # autocast really ran the model in bf16
@@ -125,7 +125,7 @@ def test_bf16_downstream_train_and_eval_steps_match_fp32(tiny_params, task):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses[name] = {k: float(v) for k, v in parts.items()}
+        losses[name] = {k: float(v.detach()) for k, v in parts.items()}
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         model.eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
