@@ -2,6 +2,7 @@
 #   make demo       set up .venv if needed, run the whole DAG at the tiny scale on CPU
 #   make test       set up .venv if needed, run the tests (starts a one-node SLURM for the slurm ones)
 #   make test-slow  the slow tests too (the whole tiny DAG, DVC repro from a clean copy, ...)
+#   make gpu-check  on one GPU, first thing on a new cluster: every GPU code path, timed (< 8 min)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -13,10 +14,10 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.mpvg-installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help env demo test test-slow latex slurm-up slurm-down dvc-yaml cost clean-demo
+.PHONY: help env demo test test-slow gpu-check latex slurm-up slurm-down dvc-yaml cost clean-demo
 
 help:
-	@sed -n 2,4p Makefile
+	@sed -n 2,5p Makefile
 
 # The environment: created once from the lock, then only when the lock or pyproject changes.
 env: $(STAMP)
@@ -47,6 +48,12 @@ latex:
 
 test-slow: env
 	pytest -m slow
+
+# The GPU acceptance run (benchmarks/gpu_check.py): bf16 steps of every model, torch.compile, NCCL through
+# the engine, Mask R-CNN/UperNet, deformable attention in bf16, the loader; JSON + table in bench_out/gpu_check.
+# Exits non-zero on any failure. GPU_CHECK_ARGS passes options (e.g. --only models --peak-tflops 989).
+gpu-check: env
+	python benchmarks/gpu_check.py --out bench_out/gpu_check $(GPU_CHECK_ARGS)
 
 # A one-node SLURM cluster on this machine (root, Debian): for trying `--profile slurm`.
 slurm-up:

@@ -88,6 +88,20 @@ def synthetic_batch(task: str, batch: int, crop: int, num_classes: int, device, 
     return images, targets
 
 
+def median_step_s(step, warmup: int, iters: int, device) -> float:
+    """Median seconds of ``step()`` over ``iters`` timed calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def time_task(task: str, method: str, args, device) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -105,16 +119,7 @@ def time_task(task: str, method: str, args, device) -> dict:
         loss.backward()
         opt.step()
 
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.iters):
-        _sync(device)
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    median = statistics.median(times)
+    median = median_step_s(step, args.warmup, args.iters, device)
     row = {"task": task, "model": "Mask R-CNN" if task == "detect" else "UperNet", "method": method,
            "device": str(device), "crop": crop, "batch_size": args.batch_size, "amp": args.amp,
            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),

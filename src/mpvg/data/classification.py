@@ -6,6 +6,7 @@ the T2T CIFAR transfer transform, which is torchvision's resize + padded crop.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -45,9 +46,23 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        with decode_errors(path), open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
+        lazy = getattr(self.transform, "decodes_lazily", False)
+        with decode_errors(path):  # a lazily opened JPEG is decoded inside the transform
+            img = decode_image(path, lazy=lazy)
+            if lazy:
+                return self.transform(img), target
         return (self.transform(img) if self.transform else img), target
+
+
+def decode_image(path: str, lazy: bool = False) -> Image.Image:
+    """The image at ``path`` as RGB (decoded), or with ``lazy`` a JPEG opened but not decoded,
+    for a transform that decodes it itself (:class:`DraftRandomResizedCrop`); other formats are
+    always decoded here."""
+    img = Image.open(path)
+    if lazy and img.format == "JPEG":
+        return img
+    img.load()  # decodes, and closes the file
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class Cifar100Dataset(Dataset):
@@ -110,6 +125,61 @@ def _patch_timm_posterize() -> None:
             auto_augment.NAME_TO_OP[name] = _posterize_compat
 
 
+class DraftRandomResizedCrop:
+    """timm's ``RandomResizedCropAndInterpolation`` that decodes a JPEG at reduced size when the crop allows it.
+
+    The crop box and the interpolation are drawn exactly as timm draws them (its own
+    ``get_params``, then ``random.choice`` for ``random``), from the image's full size, which an
+    undecoded JPEG knows. If the box is at least twice the output size in both directions,
+    libjpeg decodes the image at 1/2, 1/4 or 1/8 (DCT scaling, PIL's ``draft``), never further
+    than the box still covering the output size, and the box is resized from there, so the crop
+    is still a downsampling of the same region (docs/performance.md: mean pixel difference to
+    the full-size decode). Otherwise (and for decoded images) the output is bit-identical to
+    timm's: ``crop``, then ``resize``.
+    """
+
+    def __init__(self, rrc):
+        self.rrc = rrc
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        rrc = self.rrc
+        top, left, h, w = rrc.get_params(img, rrc.scale, rrc.ratio)
+        interp = rrc.interpolation
+        if isinstance(interp, (tuple, list)):
+            interp = random.choice(interp)
+        out_h, out_w = rrc.size
+        full_w, full_h = img.size
+        factor = min(w // out_w, h // out_h)
+        if factor >= 2 and getattr(img, "format", None) == "JPEG" and not getattr(img, "_im", None):
+            # PIL picks the largest of 8, 4, 2 that is <= min(W // req_w, H // req_h) <= factor
+            img.draft("RGB", (-(-full_w // factor), -(-full_h // factor)))
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        resample = pil_modes_mapping[interp]
+        if img.size == (full_w, full_h):  # full size: exactly torchvision's resized_crop
+            return img.crop((left, top, left + w, top + h)).resize((out_w, out_h), resample)
+        sx, sy = img.size[0] / full_w, img.size[1] / full_h
+        return img.resize((out_w, out_h), resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+
+    def __repr__(self) -> str:
+        return f"Draft{self.rrc!r}"
+
+
+def _with_draft_decode(transform):
+    """Swap the train transform's RandomResizedCrop for :class:`DraftRandomResizedCrop` and mark
+    the transform as taking undecoded JPEGs (``decodes_lazily``)."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    ops = getattr(transform, "transforms", [])
+    if ops and isinstance(ops[0], RandomResizedCropAndInterpolation):
+        ops[0] = DraftRandomResizedCrop(ops[0])
+        transform.decodes_lazily = True
+    return transform
+
+
 def build_transform(recipe: Mapping, is_train: bool):
     """The recipe's train or eval transform.
 
@@ -134,11 +204,11 @@ def build_transform(recipe: Mapping, is_train: bool):
     if not is_train:
         return create_transform(size, is_training=False, interpolation=recipe["interpolation"],
                                 mean=mean, std=std, crop_pct=recipe["crop_pct"])
-    return create_transform(
+    return _with_draft_decode(create_transform(
         size, is_training=True, scale=tuple(recipe["scale"]), hflip=recipe["hflip"],
         color_jitter=recipe["color_jitter"], auto_augment=recipe["randaugment"],
         interpolation=recipe["train_interpolation"], mean=mean, std=std,
-        re_prob=recipe["reprob"], re_mode=recipe["remode"], re_count=recipe["recount"])
+        re_prob=recipe["reprob"], re_mode=recipe["remode"], re_count=recipe["recount"]))
 
 
 def mixup_kwargs(recipe: Mapping, num_classes: int) -> dict | None:

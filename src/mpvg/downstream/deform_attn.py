@@ -30,8 +30,21 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: Shapes, sampling_locatio
         attention_weights: ``(B, Lq, M, L, P)`` (already softmax-normalised over ``L * P``).
 
     Returns:
-        ``(B, Lq, M * Dh)``.
+        ``(B, Lq, M * Dh)``, in float32 (or wider) whatever the inputs' dtype.
+
+    Under autocast the sampling runs in float32, as ViT-Adapter's ``MSDeformAttnFunction``
+    (``custom_fwd(cast_inputs=torch.float32)``): a bf16 sampling grid has 8 bits, so at a
+    128-pixel-wide level (COCO's 1024 crop at stride 8) locations would snap to half pixels and
+    the offsets' gradients would be mostly rounding noise.
     """
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    with torch.autocast(value.device.type, enabled=False):
+        return _ms_deform_attn(value.to(dtype), spatial_shapes, sampling_locations.to(dtype),
+                               attention_weights.to(dtype))
+
+
+def _ms_deform_attn(value: torch.Tensor, spatial_shapes: Shapes, sampling_locations: torch.Tensor,
+                    attention_weights: torch.Tensor) -> torch.Tensor:
     B, S, M, Dh = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     if sum(h * w for h, w in spatial_shapes) != S:
@@ -45,11 +58,10 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: Shapes, sampling_locatio
         v = values[lvl].permute(0, 2, 3, 1).reshape(B * M, Dh, h, w)
         # (B, Lq, M, P, 2) -> (B*M, Lq, P, 2)
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(B * M, Lq, P, 2)
-        g = g.to(v.dtype)
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
     # (B*M, Dh, Lq, L, P) * (B*M, 1, Lq, L, P) -> sum over L, P
     stacked = torch.stack(sampled, dim=-2)
-    weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Lq, L, P).to(stacked.dtype)
+    weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Lq, L, P)
     out = (stacked * weights).sum(dim=(-2, -1))  # (B*M, Dh, Lq)
     return out.view(B, M * Dh, Lq).transpose(1, 2).contiguous()
 

@@ -73,11 +73,20 @@ def setup(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     if world_size == 1:
         return DistInfo(device=dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    kwargs = group_kwargs(dev, rank, world_size)
     if not dist.is_initialized():
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
-    return DistInfo(rank, local_rank, world_size, dev, backend)
+        dist.init_process_group(**kwargs)
+    return DistInfo(rank, local_rank, world_size, dev, kwargs["backend"])
+
+
+def group_kwargs(dev: torch.device, rank: int, world_size: int) -> dict:
+    """``init_process_group`` arguments: NCCL bound to this process's GPU (``device_id``, so the
+    communicator is created eagerly on the right device) on CUDA, gloo on CPU."""
+    kwargs = {"backend": "nccl" if dev.type == "cuda" else "gloo", "init_method": "env://", "rank": rank,
+              "world_size": world_size}
+    if dev.type == "cuda":
+        kwargs["device_id"] = dev
+    return kwargs
 
 
 def cleanup() -> None:

@@ -59,7 +59,28 @@ TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar100": 50_000, "coco": 118_287, "ade
 # A class subset of ImageNet (ImageNet-100) is planned at the most images an ImageNet-1K training
 # class holds (1300; classes hold 732-1300), so its cost is an upper bound.
 IMAGENET_MAX_PER_CLASS = 1300
-CPUS_PER_GPU = 8
+# CPUs per GPU follow from the measured input pipeline, not a guess: the DeiT recipe's training loader
+# (JPEG decode, RandomResizedCrop, flip, RandAugment, random erasing at 224, on 500x375 JPEGs of ~110
+# KB) does LOADER_IMAGES_PER_S_PER_CORE images/s per core: the median of
+#   benchmarks/bench_data.py --vs-timm --images 192 --rounds 9
+# (AMD EPYC, one core per process; docs/performance.md). A GPU training at the planned speed above needs
+# ceil(speed / per core) loader workers plus one core for the training process; CPUS_PER_GPU is that for
+# the fastest planned ImageNet model (DeiT-Ti: 2500 / 230 -> 11 workers + 1 = 12), so the loader caps
+# none of the throughputs above, which remain GPU estimates until `make gpu-check` measures them.
+# On another CPU, put gpu_check's `loader` images_per_s_per_worker here.
+LOADER_IMAGES_PER_S_PER_CORE = 230
+MAIN_PROCESS_CPUS = 1
+
+
+def loader_cpus_per_gpu(images_per_s: float, per_core: float = LOADER_IMAGES_PER_S_PER_CORE) -> int:
+    """CPUs that keep one GPU training at ``images_per_s`` fed: loader workers + the trainer."""
+    if per_core <= 0:
+        raise ValueError(f"loader images/s per core must be > 0, got {per_core}")
+    return math.ceil(images_per_s / per_core) + MAIN_PROCESS_CPUS
+
+
+CPUS_PER_GPU = max(loader_cpus_per_gpu(IMAGES_PER_S_PER_GPU[m])
+                   for m in ("DeiT-Ti", "DeiT-S", "DeiT-B", "Swin-Ti", "CeiT-Ti", "T2T-ViT-7"))
 MEM_MB_PER_GPU = 48_000
 RUNTIME_SAFETY = 1.3        # evaluation, data loading stalls, restarts
 MIN_RUNTIME_MIN = 30
