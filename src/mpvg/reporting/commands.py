@@ -25,5 +25,8 @@ def run_report(args: argparse.Namespace) -> int:
     runs = args.runs or params["paths"]["runs"]
     out = args.out or params["paths"]["reports"]
     written = build_reports(params, expand_cells(params), runs, out, params_path=args.params)
+    from mpvg.tracking import log_report
+
+    log_report(params, {}, written)  # the tables as artifacts of one MLflow run (a failing store: a warning)
     print(f"mpvg report: wrote {len(written)} files to {out} (index: {out}/README.md)")
     return 0
