@@ -27,8 +27,10 @@ def closed_port() -> int:
 
 
 @contextlib.contextmanager
-def silent_server():
-    """``http://127.0.0.1:<port>`` of a socket that accepts connections and never answers."""
+def silent_server(answers: int = 0):
+    """``http://127.0.0.1:<port>`` of a socket that accepts connections and never answers
+    (after answering the first ``answers`` requests with ``200 OK``, as a server that hangs
+    mid-run)."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(64)
@@ -37,9 +39,18 @@ def silent_server():
     done = threading.Event()
 
     def accept():
+        left = answers
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
-                held.append(server.accept()[0])
+                conn = server.accept()[0]
+                if left > 0:
+                    left -= 1
+                    conn.settimeout(5)
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK")
+                    conn.close()
+                else:
+                    held.append(conn)
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
@@ -139,6 +150,24 @@ def test_silent_server_costs_seconds_not_minutes(tmp_path, caplog):
         assert time.monotonic() - begin < 2 * PROBE_TIMEOUT_S + 3
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "metrics", "metrics", "metrics", "artifact", "end"]
+
+
+def test_server_that_hangs_after_answering_costs_one_call(tmp_path, caplog):
+    """`/health` answers, then nothing does: the first MLflow call times out (5 s, one retry)
+    and the job is offline for the rest; the defaults MLflow gets must parse (an int factor)."""
+    from mpvg.tracking import RunTracker
+
+    with silent_server(answers=1) as uri:
+        import mlflow  # noqa: F401  (imported before the clock starts: it takes seconds on a busy machine)
+
+        tracker = RunTracker(tmp_path / "run", uri, "tests", system_metrics=False)
+        begin = time.monotonic()
+        assert tracker.start("job", {"task": "in1k"}, {}) is None
+        tracker.log_metrics({"loss": 1.0}, 1)
+        tracker.finish("FINISHED")
+        spent = time.monotonic() - begin
+    assert 10 <= spent < 15, spent  # 2 x 5 s read timeouts (+ jitter), then nothing more
+    assert "Read timed out. (read timeout=5)" in caplog.text and "Failed to convert" not in caplog.text
 
 
 def test_unreachable_server_does_not_stop_training_and_sync_uploads_later(tiny_data, tmp_path, caplog):
@@ -386,3 +415,75 @@ def test_report_command_logs_one_run_with_the_tables(tmp_path, monkeypatch):
     assert run.data.metrics == {"claims.T1": 1.0, "claims.T2": 0.0}
     assert {a.path for a in client.list_artifacts(run_id)} == {"README.md", "sub"}
     assert [a.path for a in client.list_artifacts(run_id, "sub")] == ["sub/x.md"]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, port: int):
+    """A real `mlflow server` on 127.0.0.1:``port`` (SQLite backend and artifacts in ``folder``);
+    yields the process, which the caller may kill; stopped at the end either way."""
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    from conftest import tool_env
+
+    proc = subprocess.Popen(
+        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", sqlite_uri(folder), "--artifacts-destination", str(folder / "artifacts")],
+        cwd=folder, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_real_server_killed_mid_run_then_sync_completes_the_run(tmp_path):
+    """A real server dies (SIGKILL) after epoch 1: the job finishes offline within seconds; once
+    the server is back, `sync` completes the RUNNING run under its own id, artifacts included."""
+    import os
+    import signal
+
+    from mlflow import MlflowClient
+
+    from mpvg.tracking import RunTracker, sync
+
+    port, out = closed_port(), tmp_path / "run"
+    uri = f"http://127.0.0.1:{port}"
+    out.mkdir()
+    (out / "card.md").write_text("card")
+    with mlflow_server(tmp_path, port) as server:
+        tracker = RunTracker(out, uri, "tests", system_metrics=False)
+        run_id = tracker.start("c-seed0", {"cell": "c", "task": "coco"}, {"recipe": {"lr": 0.1}})
+        tracker.log_metrics({"loss": 1.0}, 1)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        begin = time.monotonic()
+        for step in (2, 3):
+            tracker.log_metrics({"loss": 1.0 / step}, step)
+        tracker.log_artifact(out / "card.md")
+        tracker.finish("FINISHED")
+        assert time.monotonic() - begin < 5 and not tracker.online
+    with mlflow_server(tmp_path, port):
+        client = MlflowClient(uri)
+        assert client.get_run(run_id).info.status == "RUNNING"
+        assert sync(out, uri, "tests") == run_id
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+        assert [a.path for a in client.list_artifacts(run_id)] == ["card.md"]
+        assert client.get_experiment(run.info.experiment_id).name == "tests/coco"
+        assert len(client.search_runs([run.info.experiment_id])) == 1

@@ -47,11 +47,13 @@ def command_word(argv: list[str]) -> str | None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``mpvg`` parser with the full arguments of ``command``'s module (all modules when
-    ``command`` is ``"*"``) and a bare entry (name and help) for every other command."""
+    """The ``mpvg`` parser with the full arguments of ``command``'s module and a bare entry (name
+    and help) for every other command. ``"*"``, or a word the table does not name (a typo, or a
+    command a module added without its row here), loads every module: slow, never wrong."""
     parser = argparse.ArgumentParser(prog="mpvg", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = {m for _, m, _ in COMMANDS} if command == "*" else {m for n, m, _ in COMMANDS if n == command}
+    known = command is None or any(n == command for n, _, _ in COMMANDS)
+    modules = {m for _, m, _ in COMMANDS} if not known or command == "*" else {m for n, m, _ in COMMANDS if n == command}
     for module in dict.fromkeys(m for _, m, _ in COMMANDS if m in modules):
         importlib.import_module(module).register(sub)
     for name, _, help_ in COMMANDS:

@@ -52,7 +52,7 @@ TASK_EXPERIMENTS = ("in1k", "c100", "coco", "ade20k")
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 #: A training job must not wait for a server that does not answer (MLflow's own defaults are a
 #: 120 s timeout and 7 retries with backoff 2, minutes per call). Environment values win.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 #: Seconds a tracking server has to answer ``GET /health`` before a run goes offline at once.
 PROBE_TIMEOUT_S = 2.0
