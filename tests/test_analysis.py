@@ -1,6 +1,7 @@
 """Analysis maths on inputs with known answers, figures from synthetic data, `mpvg analyze`."""
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -161,21 +162,99 @@ def test_figures_open_with_expected_size(tmp_path):
     nope = synthetic_cell("nope", with_last_pe=False)
     paths = figures.figure2([("(a)", None), ("(b) PVG", nope), ("(b) MPVG", gap)], tmp_path / "f2")
     # rows: (a) pending shows tokens+PE rows, PVG 2, MPVG 2 -> 6 rows; depth 5 + Last LN = 6 columns
-    assert _size(paths[0]) == (round((1.3 * 6 + 1.2) * figures.DPI), round((1.35 * 6 + 0.8) * figures.DPI))
+    assert _size(paths[0]) == (round((1.3 * 6 + 3.2) * figures.DPI), round((1.5 * 6 + 1.0) * figures.DPI))
     p4 = figures.figure4({"A": {"PVG": gap.layer_corr, "MPVG": None}, "B": {"PVG": None}}, tmp_path / "f4")
     assert _size(p4[0]) == (700, 320)
     p6 = figures.figure6([("(a)", cls), ("(b)", nope), ("(c)", None)], tmp_path / "f6", {"(a)": {"cos_last_ln": 0.46}})
-    assert _size(p6[0]) == (1260, 900)
+    assert _size(p6[0]) == (1340, 1000)
     p7 = figures.figure7([("PVG", nope), ("MPVG", gap)], tmp_path / "f7", samples=3)
-    assert _size(p7[0]) == (round(1.9 * 5 * 100), round((1.9 * 3 + 0.7) * 100))
+    assert _size(p7[0]) == (round((1.9 * 5 + 0.9) * 100), round((1.9 * 3 + 0.9) * 100))
     p8 = figures.figure8([("(a)", gap), ("(b)", None)], tmp_path / "f8")
-    assert _size(p8[0]) == (1200, round((2.9 * 2 + 0.6) * 100))
+    assert _size(p8[0]) == (1300, round((3.0 * 2 + 0.8) * 100))
     ph = figures.placeholder(tmp_path / "ph", "Figure X", ["no checkpoint"])
     assert _size(ph[0]) == (800, 450)
     for p in [*paths, *p4, *p6, *p7, *p8, *ph]:
         assert p.stat().st_size > 1000
         if p.suffix == ".pdf":
             assert p.read_bytes().startswith(b"%PDF")
+
+
+def _drawn(fig):
+    """Render ``fig`` as save() does (in the figures' style) so every tick label exists."""
+    with figures.style():
+        fig.canvas.draw()
+    return fig
+
+
+def _maps(fig) -> list:
+    """The data images (2-D arrays; not the RGB sample pictures) outside the colourbars."""
+    return [im for ax in fig.axes if not hasattr(ax, "_colorbar") for im in ax.get_images()
+            if im.get_array().ndim == 2]
+
+
+def _colorbars(fig) -> list:
+    return [ax._colorbar for ax in fig.axes if hasattr(ax, "_colorbar")]
+
+
+def _fonts_at_least(fig, pt: float) -> list:
+    """Every visible, non-empty text (titles, labels, tick labels, legends) smaller than ``pt``."""
+    import matplotlib.text
+
+    return [(t.get_text(), t.get_fontsize()) for t in fig.findobj(matplotlib.text.Text)
+            if t.get_visible() and t.get_text().strip() and t.get_fontsize() < pt]
+
+
+def test_figures_are_legible():
+    """Colourbars, one shared colour range where panels are compared, token/dimension axes,
+    whole-number layer ticks and no text under 8 pt, on the drawn figures."""
+    import matplotlib.pyplot as plt
+
+    gap, cls = synthetic_cell("gap"), synthetic_cell("cls", prefix=1)
+    nope = synthetic_cell("nope", with_last_pe=False)
+    big = synthetic_cell("big", seed=3)
+    big.pre = big.pre * 10  # a larger x_{L+1}: the shared range must follow it into every panel
+    heat_figs = {
+        "figure2": figures.draw_figure2([("(a)", None), ("(b) PVG", nope), ("(b) MPVG", gap)]),
+        "figure6": figures.draw_figure6([("(a)", cls), ("(b)", nope), ("(c)", big)], {"(a)": {"cos_last_ln": 0.46}}),
+        "figure8": figures.draw_figure8([("(a)", big), ("(b)", gap)]),
+        "figure7": figures.draw_figure7([("PVG", nope), ("MPVG", big)], samples=3),
+    }
+    for name, fig in heat_figs.items():
+        _drawn(fig)
+        maps = _maps(fig)
+        assert maps, name
+        clims = {tuple(round(v, 9) for v in im.get_clim()) for im in maps}
+        assert len(clims) == 1, f"{name}: panels on different colour ranges {clims}"
+        (bar,) = _colorbars(fig)
+        assert (round(bar.norm.vmin, 9), round(bar.norm.vmax, 9)) == clims.pop(), name
+        assert _fonts_at_least(fig, figures.MIN_FONT) == [], name
+    lo, hi = heat_figs["figure6"].axes[0].get_images()[0].get_clim()
+    assert hi == pytest.approx(float(np.abs(np.concatenate([big.pre.ravel(), big.output.ravel()])).max())) and lo == -hi
+    lo7, hi7 = _maps(heat_figs["figure7"])[0].get_clim()
+    assert lo7 == pytest.approx(min(float(nope.post_norms.min()), float(big.post_norms.min()), float(nope.pre_norms.min()), float(big.pre_norms.min())))
+
+    # Token (y) and dimension (x) axes on the tokens x dimensions heatmaps, as in the paper's Figure 2.
+    for name in ("figure2", "figure6", "figure8"):
+        fig = heat_figs[name]
+        axes = [im.axes for im in _maps(fig)]
+        for ax in axes:
+            n, d = ax.get_images()[0].get_array().shape
+            assert list(ax.get_xticks()) == [0, d - 1] and list(ax.get_yticks()) == [0, n - 1], name
+        assert {ax.get_xlabel() for ax in axes} >= {"dimension"}, name
+        assert any(ax.get_ylabel().startswith("token") for ax in axes), name
+    f6_labels = {im.axes.get_ylabel() for im in _maps(heat_figs["figure6"])}
+    assert f6_labels == {"token (0 = class token)", "token"}  # (a) keeps the class token as row 0
+
+    # Whole-number layer ticks, also for a 4-layer model (the old axis showed 1.5, 2.5).
+    fig4 = _drawn(figures.draw_figure4({"DeiT-Ti": {"PVG": gap.layer_corr, "MPVG": cls.layer_corr},
+                                        "DeiT-S": {"PVG": [None, 0.1, 0.2, 0.3], "MPVG": [None, 0.0, -0.1, None]}}))
+    for ax in fig4.axes:
+        lo, hi = ax.get_xlim()
+        labels = [t.get_text().replace("\u2212", "-") for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+        assert labels and all(re.fullmatch(r"-?\d+", x) for x in labels), labels
+    assert [t.get_text() for t in fig4.axes[1].get_xticklabels() if 0 <= t.get_position()[0] <= 3] == ["0", "1", "2", "3"]
+    assert _fonts_at_least(fig4, figures.MIN_FONT) == []
+    plt.close("all")
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -230,6 +309,7 @@ def test_run_analysis_pending_partial_and_rebuild(tmp_path, tiny_params):
     write_summary(res, tmp_path / "f1", tiny_params)
     md = (tmp_path / "f1" / "analysis.md").read_text()
     assert "| (c) MPVG | 0.0193 |" in md and "in1k-deit_ti-mpvg" in md
+    assert md.count("Scale: tiny.") == 1  # the page's scale notice, once
 
     again = run_analysis(tiny_params, cells, runs, tmp_path / "f2", analyzer)
     assert again == res
@@ -281,4 +361,6 @@ def test_analyze_command_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     assert cell["batch_size"] == 8 and cell["layers"] == 12 and cell["layer_correlations"][0] is None
     assert all(isinstance(v, float) for v in cell["layer_correlations"][1:])
     assert "corr_post_vs_pe" in cell["last_ln"] and "corr_post_vs_pe" not in res["cells"]["in1k-deit_ti-pvg"]["last_ln"]
-    assert _size(tmp_path / "out" / "figure7.png") == (950, round((1.9 * 2 + 0.7) * 100))
+    assert _size(tmp_path / "out" / "figure7.png") == (1040, round((1.9 * 2 + 0.9) * 100))
+    assert res["figures"]["figure2"]["heading"] == "Figure 2: token embedding and PE per layer"
+    assert "One colour scale" in res["figures"]["figure2"]["caption"]

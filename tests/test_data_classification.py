@@ -231,8 +231,9 @@ def test_data_commands(tiny_root, tmp_path, capsys):
     assert cli.main(args + ["--set", f"datasets.imagenet.root={tmp_path / 'none'}",
                             "--set", f"datasets.cifar100.root={tiny_root / 'cifar-100-python'}"]) == 1
     out = capsys.readouterr().out
-    assert f"MISSING  imagenet train (used by 1 cells): {tmp_path / 'none'}: folder does not exist" in out
-    assert "ok       cifar100 val" in out
+    assert out.splitlines()[0] == f"ok       cifar100: {tiny_root / 'cifar-100-python'} (train, val, 10 classes)"
+    assert out.splitlines()[1].startswith(f"MISSING  imagenet (used by 1 cells): {tmp_path / 'none'} does not exist; ")
+    assert len(out.splitlines()) == 3  # one line per dataset, then the summary
     assert cli.main(args + ["--set", f"datasets.imagenet.root={tiny_root / 'imagenet'}",
                             "--set", f"datasets.cifar100.root={tiny_root / 'cifar-100-python'}"]) == 0
     assert "all 2 datasets present at scale 'tiny'" in capsys.readouterr().out

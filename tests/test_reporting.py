@@ -9,9 +9,10 @@ import pytest
 
 from mpvg.config import expand_cells, load_params
 from mpvg.reporting.paper import load_paper_numbers, match_cells, parse_overrides
-from mpvg.reporting.render import Entry, Table, latex_escape, render_latex
+from mpvg.reporting.render import LONG_TABLE_ROWS, Entry, Table, latex_escape, render_latex, render_markdown
 from mpvg.reporting.report import build_reports
-from mpvg.reporting.results import aggregate, collect_results, load_result
+from mpvg.reporting.results import aggregate, collect_results, compute_totals, load_result
+from mpvg.reporting.tables import best_indices, scale_note
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -74,10 +75,10 @@ def check_latex_structure(tex: str) -> int:
         assert depth >= 0
     assert depth == 0
     n = 0
-    for spec, body in re.findall(r"\\begin\{tabular\}\{([lrc]+)\}(.*?)\\end\{tabular\}", tex, re.S):
+    for env, spec, body in re.findall(r"\\begin\{(tabular|longtable)\}\{([lrc]+)\}(.*?)\\end\{\1\}", tex, re.S):
         n += 1
         assert "\\toprule" in body and "\\midrule" in body and "\\bottomrule" in body
-        rows = [l for l in body.strip().splitlines() if l.endswith("\\\\")]
+        rows = [l for l in body.strip().splitlines() if l.endswith("\\\\") and not l.startswith("\\caption")]
         assert rows
         for row in rows:
             assert len(re.findall(r"(?<!\\)&", row)) == len(spec) - 1, row
@@ -180,39 +181,118 @@ def test_table1_values_pending_and_best(tmp_path, params, cells):
     deit = {r[1]: r for r in rows[:4]}
     assert rows[0][0] == "DeiT-Ti" and rows[1][0] == ""
     assert deit["Default"][6] == "61.00 ± 1.41" and deit["Default"][7] == "-11.14"   # 61 - 72.14
-    assert deit["Default"][3] == "5.722 ± 0.000" and deit["Default"][4] == "+0.005"
     assert deit["PVG"][6] == "**63.00 ± 1.41**"                                      # best of ours
     assert deit["MPVG"][5] == "**73.51**" and deit["MPVG"][6] == "62.00 ± 1.41"      # paper's best
     assert deit["MPVG"][8] == "2/2"
     deit_s = [r for r in rows if r[0] == "DeiT-S"][0]
     assert deit_s[6] == "pending" and deit_s[7] == "" and deit_s[8] == "0/2"          # paper-scale result left out
     text = (out / "table1.md").read_text()
-    assert "Scale: tiny" in text and "not comparable" in text
+    assert text.startswith("> Scale: tiny.") and "not comparable" in text
+    assert text.count("Scale:") == 1  # once per page, not in the caption
+
+
+def by_model_method(rows: list[list[str]]) -> dict:
+    """Rows of a grouped table by (model, method); the model is written on a group's first row only."""
+    out, model = {}, None
+    for r in rows:
+        model = r[0] or model
+        out[(model, r[1])] = r
+    return out
+
+
+def test_params_column_is_the_full_size_build(tmp_path, params, cells):
+    """#Params ours = the full-size architecture (meta-device build), not the shrunk run's count
+    (the sample results say 5,721,640 for every cell), floored to 3 decimals like the paper."""
+    out = build_sample(tmp_path, params, cells)
+    (t1,) = parse_pipe_tables((out / "table1.md").read_text())
+    by = by_model_method(t1[1:])
+    assert by[("DeiT-Ti", "Default")][3:5] == ["5.717", "+0.000"]            # 5,717,416
+    assert by[("DeiT-Ti", "MPVG")][3:5] == ["5.721", "+0.000"]               # 5,721,640
+    assert by[("DeiT-Ti", "LaPE")][3:5] == ["5.722", "+0.001"]               # 5,722,024: documented exception
+    assert by[("DeiT-B", "MPVG")][3:5] == ["86.584", "+0.000"]               # pending cell: still counted
+    assert by[("Swin-Ti", "PVG")][3:5] == ["28.598", "+0.000"]
+    assert by[("T2T-ViT-7", "Default")][3:5] == ["4.310", "+0.000"]
+    text = (out / "table1.md").read_text()
+    assert "- DeiT-Ti LaPE #Params: 5,722,024 parameters; the paper's 5.721 is inconsistent" in text
+    (t2,) = parse_pipe_tables((out / "table2.md").read_text())
+    assert by_model_method(t2[1:])[("ViT-Lite", "MPVG")][3:5] == ["3.743", "+0.000"]    # 100 classes, 32 px
+    assert by_model_method(t2[1:])[("T2T-ViT-7", "MPVG")][3:5] == ["4.081", "+0.000"]   # 100 classes, 224 px
+
+
+def test_params_mismatch_at_paper_scale_is_noted(tmp_path):
+    params = load_params(PARAMS, ["scale=paper"])
+    cells = expand_cells(params)
+    runs = tmp_path / "runs"
+    write_result(runs, "in1k-deit_ti-mpvg", 0, {"top1": 73.0}, scale="paper", params_count=5_721_640)
+    write_result(runs, "in1k-deit_ti-pvg", 0, {"top1": 73.0}, scale="paper", params_count=5_000_000)
+    build_reports(params, cells, runs, tmp_path / "r", commit="x")
+    text = (tmp_path / "r" / "table1.md").read_text()
+    assert "in1k-deit_ti-pvg seed 0: result.json reports 5,000,000 parameters, the full-size build has 5,721,256" in text
+    assert "in1k-deit_ti-mpvg seed 0" not in text
+    assert text.startswith("> Scale: paper")
+
+
+def test_bold_rule_unique_best_of_at_least_two():
+    assert best_indices([1.0, 3.0, 2.0], 2) == {1}
+    assert best_indices([0.0, 0.0, 0.0, 0.0], 1) == set()        # a tie is no best
+    assert best_indices([2.04, 2.03], 1) == set()                 # tie after rounding to what is shown
+    assert best_indices([None, 5.0, None], 2) == set()            # one finished value: nothing to beat
+    assert best_indices([None, 5.0, 4.0, float("nan")], 2) == {1}
+
+
+def test_all_zero_cells_are_not_bold(tmp_path, params, cells):
+    runs = tmp_path / "runs"
+    for method in ("default", "lape", "pvg", "mpvg"):
+        write_result(runs, f"coco-deit_ti-{method}", 0, {"bbox_ap": 0.0, "segm_ap": 0.0}, stage="detect")
+    build_reports(params, cells, runs, tmp_path / "r", commit="x")
+    (t3,) = parse_pipe_tables((tmp_path / "r" / "table3.md").read_text())
+    assert [r[3] for r in t3[1:]] == ["0.0"] * 4 and [r[6] for r in t3[1:]] == ["0.0"] * 4
+    assert [r[5] for r in t3[1:]].count("**41.4**") == 1         # the paper's own best stays bold
 
 
 def test_other_tables(tmp_path, params, cells):
     out = build_sample(tmp_path, params, cells)
     (t3,) = parse_pipe_tables((out / "table3.md").read_text())
     mpvg = [r for r in t3 if r[1] == "MPVG"][0]
-    assert mpvg[:5] == ["", "MPVG", "**46.5**", "**10.0**", "-36.5"] and mpvg[6:9] == ["**9.5**", "-31.9", "1/2"]
+    assert mpvg[:5] == ["", "MPVG", "**46.5**", "10.0", "-36.5"] and mpvg[6:9] == ["9.5", "-31.9", "1/2"]
     (t6,) = parse_pipe_tables((out / "table6.md").read_text())
     assert t6[1][:3] == ["yes", "yes", "yes"] and t6[4][:4] == ["no", "yes", "yes", "**73.51**"]
-    assert t6[4][4] == "**62.00 ± 1.41**"  # the only finished row of Table 6 is MPVG itself
+    assert t6[4][4] == "62.00 ± 1.41"  # the only finished row of Table 6: a lone value is not bold
     (f1,) = parse_pipe_tables((out / "figure1.md").read_text())
     assert [r[1] for r in f1[1:]] == ["72.14", "72.40", "—", "73.17", "**73.51**"]
-    (cost,) = parse_pipe_tables((out / "cost.md").read_text())
+    cost_md = (out / "cost.md").read_text()
+    (cost,) = parse_pipe_tables(cost_md)
+    assert "difference" not in cost_md and "Δ" not in cost_md
     by = {r[0]: r for r in cost[1:]}
     assert by["in1k-deit_ti-pvg"][3:] == ["2/2", "0.0200", "0.0000", "0.0200"]
     assert by["coco-deit_ti-mpvg"][1:3] == ["detect", "cuda"] and by["coco-deit_ti-mpvg"][5] == "0.5000"
     assert by["in1k-deit_s-mpvg"][4] == "pending"
     assert by["in1k-old-cell (not in params)"][3] == "1/2"
-    assert by["**Total**"][5] == "**0.5000**"
+    assert by["**Total**"][4:] == ["**0.1000**", "**0.5000**", "**0.1000**"]   # 10 runs x 36 s; 10 x 0.01 CPU-h
     index = (out / "README.md").read_text()
     assert "`0123abc`" in index and "[table5.md](table5.md)" in index
+    assert "| Table 1: ImageNet-1K | [table1.md](table1.md) |" in index
+    assert "| Figure 5: Last-LN PE without the layer-wise structure |" in index
     assert "runs/train/in1k-deit_s-mpvg/seed0/result.json" in index  # left out: other scale
     assert re.search(r"resolved params hash `[0-9a-f]{12}`", index)
+    assert "- Compute of the 10 reported runs: wall time 0.1000 h, GPU-hours 0.5000, CPU-hours 0.1000" in index
+    all_md = (out / "tables.md").read_text()
+    assert all_md.count("Scale: tiny") == 1 and all_md.count("### Table 1: ImageNet-1K") == 1
     for md in out.glob("*.md"):
         parse_pipe_tables(md.read_text())  # every Markdown file holds well-formed tables
+        if md.name != "README.md":
+            assert md.read_text().count("Scale:") == 1, md.name
+
+
+def test_build_json_totals(tmp_path, params, cells):
+    out = build_sample(tmp_path, params, cells)
+    build = json.loads((out / "build.json").read_text())
+    assert build["results_total"] == {"runs": 10, "wall_time_s": 360.0, "gpu_hours": 0.5, "cpu_hours": 0.1}
+    assert isinstance(build["build_wall_time_s"], float) and 0 < build["build_wall_time_s"] < 600
+    assert build["built_at"].endswith("Z") and build["finished"] == 5  # the 6th cell is not in params
+    assert compute_totals({}) == {"runs": 0, "wall_time_s": None, "gpu_hours": None, "cpu_hours": None}
+    assert compute_totals({"a": [{"wall_time_s": 2.0}, {"wall_time_s": 3.0, "gpu_hours": 1.5}]}) == {
+        "runs": 2, "wall_time_s": 5.0, "gpu_hours": 1.5, "cpu_hours": None}
 
 
 def test_rebuild_is_byte_identical(tmp_path, params, cells):
@@ -222,26 +302,95 @@ def test_rebuild_is_byte_identical(tmp_path, params, cells):
     assert len(files) == 21  # 9 tables x (.md, .tex), tables.md, tables.tex, README.md
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert json.loads((a / "build.json").read_text())["built_at"].endswith("Z")
-    (a / "figures").mkdir()
-    (a / "figures" / "figure2.png").write_bytes(b"png")
-    build_sample(tmp_path, params, cells, "a")
-    assert "- [figure2.png](figures/figure2.png)" in (a / "README.md").read_text()
+
+
+def test_index_figures_caption_and_thumbnail(tmp_path, params, cells):
+    out = build_sample(tmp_path, params, cells)
+    assert "No figures yet" in (out / "README.md").read_text()
+    figs = out / "figures"
+    figs.mkdir()
+    for name in ("figure2.png", "figure2.pdf", "figure9.png", "analysis.md"):
+        (figs / name).write_bytes(b"x")
+    (figs / "analysis.json").write_text(json.dumps({"figures": {
+        "figure2": {"heading": "Figure 2: token embedding and PE per layer", "caption": "Per layer maps.",
+                    "status": "partial", "files": ["figure2.png", "figure2.pdf"], "panels": []},
+        "figure4": {"heading": "Figure 4: r", "caption": "not drawn", "status": "pending", "panels": []}}}))
+    build_sample(tmp_path, params, cells)
+    index = (out / "README.md").read_text()
+    assert ("### Figure 2: token embedding and PE per layer\n\nPer layer maps. (panels: partial; "
+            "[PNG](figures/figure2.png), [PDF](figures/figure2.pdf))\n\n"
+            '<a href="figures/figure2.png"><img src="figures/figure2.png" width="360" '
+            'alt="Figure 2: token embedding and PE per layer"></a>\n') in index
+    assert "Figure 4" not in index  # named in analysis.json but its PNG is not there
+    assert "### figure9\n\n(not described by figures/analysis.json: rerun `mpvg analyze`)" in index
+    assert "Numbers behind the figures: [analysis.json](figures/analysis.json), [analysis.md](figures/analysis.md)" in index
+    (figs / "analysis.json").write_text("{broken")
+    with pytest.raises(ValueError, match="analysis.json: not valid JSON"):
+        build_sample(tmp_path, params, cells)
+
+
+def _aux_captions(aux: str) -> list[tuple[str, str, str]]:
+    """``(kind, number, text)`` of every caption LaTeX recorded in the .aux (lists of tables/figures)."""
+    return re.findall(r"\\@writefile\{lo[tf]\}\{\\contentsline \{(table|figure)\}\{\\numberline \{([^}]*)\}"
+                      r"\{\\ignorespaces (.*?)\}\}\{\d+\}", aux)
+
+
+def _pdflatex(cwd: Path, name: str) -> str:
+    for _ in range(2):  # twice, as a LaTeX build does: longtable settles its column widths on the second run
+        run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", name], cwd=cwd,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stdout[-2000:]
+    return (cwd / name).with_suffix(".log").read_text(errors="replace")
 
 
 def test_latex_structure_and_compile(tmp_path, params, cells):
     out = build_sample(tmp_path, params, cells)
-    assert check_latex_structure((out / "tables.tex").read_text()) == 9
-    for tex in out.glob("table*.tex"):
-        check_latex_structure(tex.read_text())
+    tex = (out / "tables.tex").read_text()
+    assert check_latex_structure(tex) == 9
+    for frag in out.glob("table*.tex"):
+        check_latex_structure(frag.read_text())
     assert "\\textbf{73.51}" in (out / "table1.tex").read_text()
+    assert "\\renewcommand{\\thetable}{1}\n\\caption{ImageNet-1K. Top-1" in tex
+    assert "\\renewcommand{\\thefigure}{5}\n\\caption{Last-LN PE without" in tex
+    assert tex.count("Scale: tiny") == 1 and "\\pagestyle{notice}" in tex  # the footer of every page
+    assert (out / "table1.tex").read_text().startswith("% Scale: tiny.")
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended); "
-                    "the structural check above ran")
-    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "tables.tex"], cwd=out,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout[-2000:]
+                    "the structural checks above ran")
+    log = _pdflatex(out, "tables.tex")
     assert (out / "tables.pdf").stat().st_size > 1000
+    assert "Rerun" not in log and "Float too large" not in log and "Overfull" not in log
+    pages = int(re.search(r"Output written on tables\.pdf \((\d+) pages", log).group(1))
+    assert pages == 10  # 8 paper tables, one page each, and the cost table over two
+    caps = _aux_captions((out / "tables.aux").read_text())
+    assert [(k, n) for k, n, _ in caps] == [("table", str(i)) for i in range(1, 7)] + [("figure", "1"), ("figure", "5")]
+    assert caps[0][2].startswith("ImageNet-1K. Top-1 accuracy") and caps[6][2].startswith("Class token vs GAP")
+    assert not [c for c in caps if re.match(r"(Table|Figure) \d", c[2])]  # no "Table 1: Table 1: ..."
+    assert not [c for c in caps if "Scale" in c[2]]                        # the notice is the page's, not the caption's
+    # Fragments carry their own number wherever they are included.
+    (out / "frag.tex").write_text("\\documentclass{article}\\usepackage[T1]{fontenc}\\usepackage{booktabs,longtable}\n"
+                                  "\\begin{document}\n\\input{table3}\n\\input{figure1}\n\\input{cost}\n\\end{document}\n")
+    _pdflatex(out, "frag.tex")
+    assert [(k, n) for k, n, _ in _aux_captions((out / "frag.aux").read_text())] == [("table", "3"), ("figure", "1")]
+
+
+def test_render_numbered_unnumbered_and_long_tables():
+    t = Table("t", "Title", "Cap.", ["a", "b"], "lr", number="3")
+    assert t.heading == "Table 3: Title" and render_markdown(t).startswith("### Table 3: Title\n")
+    tex = render_latex(t)
+    assert "\\begin{table}[htbp]" in tex and "\\renewcommand{\\thetable}{3}\n\\caption{Title. Cap.}" in tex
+    f = Table("f", "Bars", "", ["a"], "l", kind="Figure", number="1")
+    assert f.heading == "Figure 1: Bars" and "\\begin{figure}[htbp]" in render_latex(f)
+    assert "\\renewcommand{\\thefigure}{1}\n\\caption{Bars.}" in render_latex(f)
+    u = Table("u", "Ours", "Cap.", ["a"], "l")
+    assert u.heading == "Ours" and "\\caption" not in render_latex(u) and "\\textbf{Ours.} Cap." in render_latex(u)
+    for i in range(LONG_TABLE_ROWS + 1):
+        u.add_row([str(i)])
+    long = render_latex(u)
+    assert "\\begin{longtable}{l}" in long and "\\endhead" in long and "\\begin{table}" not in long
+    with pytest.raises(ValueError, match="kind 'Plot'"):
+        Table("x", "X", "", ["a"], "l", kind="Plot")
+    assert "Scale: tiny." in scale_note("tiny") and scale_note("paper").startswith("Scale: paper")
 
 
 def test_latex_escape_and_table_checks():
@@ -263,4 +412,4 @@ def test_report_command(tmp_path):
     assert main(["report", "--params", str(PARAMS), "--runs", str(runs), "--out", str(tmp_path / "r")]) == 0
     (t2,) = parse_pipe_tables((tmp_path / "r" / "table2.md").read_text())
     row = [r for r in t2 if r[1] == "MPVG"][0]
-    assert row[3] == "3.743" and row[4] == "+0.000" and row[6] == "**12.50**" and row[7] == "-64.37"
+    assert row[3] == "3.743" and row[4] == "+0.000" and row[6] == "12.50" and row[7] == "-64.37"  # lone: not bold

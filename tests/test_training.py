@@ -368,7 +368,7 @@ def test_t2t_finetunes_on_cifar_from_its_imagenet_checkpoint(tiny_data, tmp_path
 
 
 def test_ending_run_closes_the_run_with_the_right_status():
-    from mpvg.training.engine import Preempted, ending_run
+    from mpvg.training.runfolder import Preempted, ending_run
 
     class Tracker:
         def __init__(self):

@@ -25,6 +25,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("data", "mpvg.data.commands", "generate the tiny datasets, check dataset roots"),
     ("train", "mpvg.training.commands", "train one classification cell for one seed (resumable; torchrun for DDP)"),
     ("eval", "mpvg.training.commands", "top-1/top-5/loss of a checkpoint on a cell's validation set"),
+    ("launch", "mpvg.training.commands",
+     "run a training command in N processes on this node (preemption-safe torchrun)"),
     ("tracking", "mpvg.training.commands",
      "MLflow store: create it before parallel jobs, complete runs that lost their server"),
     ("detect", "mpvg.downstream.commands",

@@ -90,13 +90,31 @@ def result_record(spec, seed: int, *, pe: dict, params: int, measured: dict, wal
     }
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status``; else the
+    set-and-restore idiom)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Write ``path`` all at once: a temporary file in the same folder, flushed and fsynced,
-    then ``os.replace``'d over ``path``. A crash leaves the old file (or none), never half of one."""
+    then ``os.replace``'d over ``path``. A crash leaves the old file (or none), never half of one;
+    the run folder's life cycle removes such leftovers (``.<name>.*.tmp``) at the next start.
+    The file gets the permissions a plain ``open()`` would give (0666 minus the umask), not
+    ``mkstemp``'s 0600, so the group of a shared project can read results and checkpoints."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mpvg.data import DatasetError, check_dataset
+from mpvg.data import ADE20K_DIRS, ade20k_pairs, check_dataset
+from mpvg.data.integrity import bad_image, decode_errors
 
-SPLIT_DIRS = {"train": "training", "val": "validation"}
+SPLIT_DIRS = ADE20K_DIRS
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
@@ -38,7 +39,9 @@ STD = (58.395, 57.12, 57.375)
 class ADE20KDataset(Dataset):
     """One split as ``(image, label, meta)``: after ``transform`` (default: none) the image is
     uint8 ``(3, H, W)`` and the label int64 ``(H, W)`` with 255 = ignore; ``meta`` has the
-    file stem and the label's original size."""
+    file stem and the label's original size.  An image without its label PNG fails when the
+    dataset is built; an unreadable file, a label that is not single-channel or not the image's
+    size fails when read, naming the file."""
 
     def __init__(self, root: str | Path, split: str = "train", transform: Optional[Callable] = None,
                  reduce_zero_label: bool = True):
@@ -46,16 +49,7 @@ class ADE20KDataset(Dataset):
         root = Path(root)
         sub = SPLIT_DIRS[split]
         self.img_dir, self.ann_dir = root / "images" / sub, root / "annotations" / sub
-        imgs = {p.stem: p for p in self.img_dir.iterdir() if p.suffix.lower() == ".jpg"}
-        anns = {p.stem: p for p in self.ann_dir.iterdir() if p.suffix.lower() == ".png"}
-        missing = sorted(set(imgs) - set(anns))
-        if missing:
-            raise DatasetError(f"{self.ann_dir}: no annotation for {missing[:5]}; expected <name>.png next to "
-                               f"each {self.img_dir}/<name>.jpg")
-        if not imgs:
-            raise DatasetError(f"{self.img_dir}: no .jpg images; expected {self.img_dir}/ADE_*.jpg")
-        self.stems = sorted(imgs)
-        self.images, self.labels = [imgs[s] for s in self.stems], [anns[s] for s in self.stems]
+        self.stems, self.images, self.labels = ade20k_pairs(root, split)
         self.transform = transform
         self.reduce_zero_label = reduce_zero_label
 
@@ -63,12 +57,15 @@ class ADE20KDataset(Dataset):
         return len(self.stems)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with Image.open(self.images[index]) as im:
-            img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-        with Image.open(self.labels[index]) as im:
-            lab = np.asarray(im, dtype=np.uint8)
+        with decode_errors(self.images[index]), open(self.images[index], "rb") as f:
+            img = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        with decode_errors(self.labels[index]), open(self.labels[index], "rb") as f:
+            lab = np.asarray(Image.open(f), dtype=np.uint8)
         if lab.ndim != 2:
-            raise DatasetError(f"{self.labels[index]}: expected a single-channel label PNG, got shape {lab.shape}")
+            raise bad_image(self.labels[index], f"expected a single-channel label PNG, got shape {lab.shape}")
+        if lab.shape != tuple(img.shape[1:]):
+            raise bad_image(self.labels[index], f"label is {lab.shape[1]}x{lab.shape[0]} but its image "
+                            f"{self.images[index]} is {img.shape[2]}x{img.shape[1]}")
         lab = torch.from_numpy(lab.astype(np.int64))
         if self.reduce_zero_label:
             lab = torch.where(lab == 0, torch.full_like(lab, 255), lab - 1)

@@ -6,18 +6,16 @@ the T2T CIFAR transfer transform, which is torchvision's resize + padded crop.
 """
 from __future__ import annotations
 
-import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mpvg.data import IMAGE_EXTENSIONS, LAYOUTS, DatasetError, check_dataset, cifar100_class_names, imagefolder_classes
+from mpvg.data import DatasetError, check_dataset, imagefolder_samples, load_cifar100
+from mpvg.data.integrity import decode_errors
 
 CLASSIFICATION_DATASETS = ("imagenet", "cifar100")
 
@@ -26,22 +24,16 @@ class ImageFolderDataset(Dataset):
     """``<root>/<split>/<class>/<image>``: labels are the sorted class-folder indices.
 
     A plain file list (``os.scandir``) and PIL decoding: no per-item ``stat`` calls, so
-    listing ImageNet's 1.28M files takes seconds.
+    listing ImageNet's 1.28M files takes seconds.  An image that cannot be read is a
+    :class:`DatasetError` naming its path (:func:`mpvg.data.integrity.decode_errors`).
     """
 
     def __init__(self, root: str | Path, split: str = "train", transform: Optional[Callable] = None):
         check_dataset("imagenet", root, split)
         self.root = Path(root)
         self.split_dir = self.root / split
-        self.classes = imagefolder_classes(self.split_dir)
+        self.classes, self.samples = imagefolder_samples(self.split_dir)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.samples: list[tuple[str, int]] = []
-        for idx, cls in enumerate(self.classes):
-            with os.scandir(self.split_dir / cls) as it:
-                names = sorted(e.name for e in it if e.name.lower().endswith(IMAGE_EXTENSIONS))
-            self.samples.extend((os.path.join(self.split_dir, cls, n), idx) for n in names)
-        if not self.samples:
-            raise DatasetError(f"{self.split_dir}: no images; expected {LAYOUTS['imagenet'].format(root=self.root)}")
         self.targets = [t for _, t in self.samples]
         self.transform = transform
 
@@ -50,7 +42,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        with open(path, "rb") as f:
+        with decode_errors(path), open(path, "rb") as f:
             img = Image.open(f).convert("RGB")
         return (self.transform(img) if self.transform else img), target
 
@@ -61,22 +53,7 @@ class Cifar100Dataset(Dataset):
     def __init__(self, root: str | Path, split: str = "train", transform: Optional[Callable] = None):
         check_dataset("cifar100", root, split)
         self.root = Path(root)
-        path = self.root / ("train" if split == "train" else "test")
-        try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            data = np.asarray(entry["data"], dtype=np.uint8)
-            self.targets = [int(t) for t in entry["fine_labels"]]
-        except (OSError, pickle.UnpicklingError, KeyError, TypeError, EOFError) as exc:
-            raise DatasetError(f"{path}: not a CIFAR-100 pickle with 'data' and 'fine_labels' ({exc!r}); "
-                               f"expected {LAYOUTS['cifar100'].format(root=self.root)}") from None
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(self.targets):
-            raise DatasetError(f"{path}: 'data' has shape {data.shape} for {len(self.targets)} labels; "
-                               "expected (N, 3072) uint8 rows in CHW order")
-        self.data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # HWC for PIL
-        self.classes = cifar100_class_names(self.root)
-        if self.targets and max(self.targets) >= len(self.classes):
-            raise DatasetError(f"{path}: label {max(self.targets)} but meta names {len(self.classes)} classes")
+        self.data, self.targets, self.classes = load_cifar100(self.root, split)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -10,7 +10,10 @@ On disk (the official release, unpacked)::
 Annotations are read with pycocotools, as MMDetection's ``CocoDataset`` does: category ids
 map to contiguous labels ``1..K`` (0 is the background in torchvision's Mask R-CNN); crowd
 boxes, boxes of zero overlap with the image, and boxes under 1 px are not training targets;
-training skips images without a usable box and images under 32 px.
+training skips images without a usable box and images under 32 px.  The annotation file is
+checked when the dataset is built (:func:`mpvg.data.integrity.read_coco_annotations`): invalid
+JSON, missing ``categories``, an unknown category or image id, or a missing image file is a
+:class:`mpvg.data.DatasetError` naming the file, before any training.
 
 The training augmentation is the ViT-Adapter Mask R-CNN 3x+MS pipeline (DETR-style):
 flip 0.5, then one of two policies (multi-scale resize; or resize, random crop, multi-scale
@@ -32,9 +35,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mpvg.data import check_dataset
+from mpvg.data import COCO_DIRS, check_dataset
+from mpvg.data.integrity import bad_image, decode_errors, read_coco_annotations
 
-SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
+SPLIT_DIRS = COCO_DIRS
 
 
 def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -44,12 +48,16 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     return root / "annotations" / f"instances_{split}2017.json", root / SPLIT_DIRS[split]
 
 
-def load_coco_api(ann_file: str | Path):
-    """pycocotools' ``COCO`` without its progress prints."""
+def load_coco_api(ann_file: str | Path, img_dir: str | Path):
+    """pycocotools' ``COCO`` of a checked annotation file (:func:`read_coco_annotations`),
+    without its progress prints."""
     from pycocotools.coco import COCO
 
+    api = COCO()
+    api.dataset = read_coco_annotations(ann_file, img_dir)
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(ann_file))
+        api.createIndex()
+    return api
 
 
 class CocoInstances(Dataset):
@@ -63,7 +71,7 @@ class CocoInstances(Dataset):
     def __init__(self, root: str | Path, split: str = "train", transform: Optional[Callable] = None,
                  train: Optional[bool] = None, min_size: int = 32):
         self.ann_file, self.img_dir = coco_paths(root, split)
-        self.coco = load_coco_api(self.ann_file)
+        self.coco = load_coco_api(self.ann_file, self.img_dir)
         self.cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
@@ -85,7 +93,7 @@ class CocoInstances(Dataset):
         info = self.coco.imgs[img_id]
         out = []
         for ann in self.coco.imgToAnns.get(img_id, []):
-            if ann.get("ignore", False) or ann.get("iscrowd", 0) or ann["category_id"] not in self.cat_to_label:
+            if ann.get("ignore", False) or ann.get("iscrowd", 0):  # unknown categories fail at start
                 continue
             x, y, w, h = ann["bbox"]
             inter_w = max(0.0, min(x + w, info["width"]) - max(x, 0.0))
@@ -99,9 +107,13 @@ class CocoInstances(Dataset):
         return len(self.ids)
 
     def load_image(self, img_id: int) -> torch.Tensor:
-        path = self.img_dir / self.coco.imgs[img_id]["file_name"]
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        info = self.coco.imgs[img_id]
+        path = self.img_dir / info["file_name"]
+        with decode_errors(path), open(path, "rb") as f:
+            arr = np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8)
+        if arr.shape[:2] != (info["height"], info["width"]):  # the masks are drawn at the annotated size
+            raise bad_image(path, f"decodes to {arr.shape[1]}x{arr.shape[0]} but {self.ann_file} says "
+                            f"{info['width']}x{info['height']}")
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
     def load_target(self, img_id: int) -> dict:

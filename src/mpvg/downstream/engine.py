@@ -31,10 +31,11 @@ from torch.utils.data import DataLoader
 
 from mpvg import runinfo
 from mpvg.training import distributed
-from mpvg.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mpvg.training.engine import (EpochSampler, NonFiniteLossError, Preempted, SeededSamples, StopSignal,
-                                  derive_seed, ending_run, pe_dict, progress_bar, publish_result, resolve_amp,
-                                  run_logging, seed_everything, unwrap)
+from mpvg.training.checkpoint import load_checkpoint, rng_state, set_rng_state
+from mpvg.training.engine import (EpochSampler, SeededSamples, derive_seed, pe_dict, progress_bar, resolve_amp,
+                                  seed_everything, unwrap)
+from mpvg.training.runfolder import (NonFiniteLossError, Preempted, RunFolder, ending_run, load_start_point,
+                                     open_run)
 
 log = logging.getLogger("mpvg.downstream")
 
@@ -72,7 +73,9 @@ class DownstreamOptions:
     device: str = "auto"
     amp: str = "auto"
     pretrained: Path | None = None   # None: the RunSpec's init checkpoint (same seed)
+    pretrained_expected: dict | None = None  # signature inputs the pretrained checkpoint must have
     resume: bool = True
+    on_change: str = "set-aside"     # the run folder holds other settings: set-aside | fail
     quiet: bool = False
     num_workers: int | None = None
     log_interval: int = 20
@@ -338,39 +341,35 @@ def _iter_progress(loader, desc: str, quiet: bool):
 def train(spec, task_name: str, opts: DownstreamOptions) -> dict[str, Any]:
     """Fine-tune one detection / segmentation cell for one seed; returns what result.json holds.
 
-    Raises :class:`Preempted` after checkpointing on SIGTERM/SIGUSR1 and
-    :class:`NonFiniteLossError` when the loss is NaN/inf.
+    The run folder's life cycle is :func:`mpvg.training.runfolder.open_run`, as for classification.
+    Raises :class:`Preempted` after checkpointing on a stop request and :class:`NonFiniteLossError`
+    when the loss is NaN/inf.
     """
-    job_start = time.time()
-    dist = distributed.setup(opts.device)
-    out = Path(opts.out_dir)
-    try:
-        with run_logging(out, dist.is_main), StopSignal() as stop:
-            return _train(spec, task_name, opts, dist, out, stop, job_start)
-    finally:
-        distributed.cleanup()
+    from mpvg.signature import cell_inputs
 
-
-def _load_pretrained(spec, opts: DownstreamOptions) -> tuple[dict, Path]:
+    _check_stage(spec, task_name)
     path = opts.pretrained or spec.init_checkpoint(opts.seed)
     if path is None:
         raise ValueError(f"cell {spec.cell.id} has no init_from; pass --pretrained CKPT")
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist; train cell {spec.cell.init_from} "
                                 f"seed {opts.seed} first (`mpvg train --cell {spec.cell.init_from} --seed {opts.seed}`) "
                                 "or pass --pretrained")
+    state, init_signature = load_start_point(path, opts.pretrained_expected)
+    inputs = cell_inputs(spec, opts.seed, init_signature)
+    with open_run(opts.out_dir, inputs, opts.device, opts.resume, opts.on_change, state) as run:
+        if run.finished is not None:
+            return run.finished
+        return _train(spec, task_name, opts, run, Path(path))
+
+
+def _train(spec, task_name: str, opts: DownstreamOptions, run: RunFolder, pretrained_path: Path) -> dict[str, Any]:
     from mpvg.models.checkpoint import unwrap_state_dict
-
-    return unwrap_state_dict(load_checkpoint(path)), path
-
-
-def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop: StopSignal,
-           job_start: float) -> dict[str, Any]:
     from mpvg.tracking import RunTracker
 
+    dist, out, stop, job_start = run.dist, run.out, run.stop, run.job_start
     recipe, device, seed, cell = spec.recipe, dist.device, opts.seed, spec.cell
-    ckpt_path = out / CHECKPOINT_NAME
+    ckpt_path = run.checkpoint_path
     task = build_task(spec, task_name, train=True)
     global_batch = int(recipe["batch_size"])
     local_batch = global_batch // dist.world_size
@@ -390,7 +389,8 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
     else:
         eval_every = int(recipe_value(recipe, "eval_interval", defaults))
 
-    sd, pretrained_path = _load_pretrained(spec, opts)
+    sd = unwrap_state_dict(run.init_state)
+    run.init_state = None
     seed_everything(seed)
     pretrain_size = pretrain_img_size(sd)
     model = build_task_model(spec, task_name, task.num_classes, sd)
@@ -408,13 +408,8 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_it, elapsed_before, history, run_id, rng_states = 0, 0.0, [], None, None
-    if ckpt_path.exists():
-        if not opts.resume:
-            raise FileExistsError(f"{ckpt_path} exists and --no-resume was given; remove it or drop --no-resume")
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("data", {}).get("global_batch") != global_batch or ckpt.get("seed") != seed:
-            raise ValueError(f"{ckpt_path}: saved with seed {ckpt.get('seed')} and batch "
-                             f"{ckpt.get('data', {}).get('global_batch')}, now seed {seed} and batch {global_batch}")
+    if run.resume is not None:  # open_run checked that it holds a run of these very settings
+        ckpt, run.resume = run.resume, None
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -447,17 +442,15 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
         if dist.distributed:
             states = [None] * dist.world_size
             torch.distributed.all_gather_object(states, rng_state())
-        if dist.is_main:
-            save_checkpoint(ckpt_path, {
-                "model": unwrap(model).state_dict(), "model_name": spec.model_name,
-                "model_kwargs": spec.model_kwargs, "task": task_name, "num_classes": task.num_classes,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": it,
-                "epoch": it // ipe, "step": it % ipe, "rng": states,
-                "data": {"seed": seed, "global_batch": global_batch},
-                "elapsed_s": elapsed_before + time.time() - job_start, "history": history,
-                "mlflow_run_id": run_id, "cell": cell.id, "seed": seed, "pretrained": str(pretrained_path),
-                "pretrain_img_size": pretrain_size})
-        distributed.barrier()
+        run.save({
+            "model": unwrap(model).state_dict(), "model_name": spec.model_name,
+            "model_kwargs": spec.model_kwargs, "task": task_name, "num_classes": task.num_classes,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": it,
+            "epoch": it // ipe, "step": it % ipe, "rng": states,
+            "data": {"seed": seed, "global_batch": global_batch},
+            "elapsed_s": elapsed_before + time.time() - job_start, "history": history,
+            "mlflow_run_id": run_id, "cell": cell.id, "seed": seed, "pretrained": str(pretrained_path),
+            "pretrain_img_size": pretrain_size})
 
     def run_eval(it: int) -> dict[str, float]:
         metrics = task.evaluate(unwrap(model), task.val_set, device, amp_dtype, dist, recipe, opts.quiet, workers)
@@ -500,17 +493,18 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
                 pending.append(torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()]))
                 boundary = it % ipe == 0 or it == total_iters
                 sync = it % opts.log_interval == 0 or boundary or it % ckpt_every == 0 or \
-                    (eval_every and it % eval_every == 0) or (stop.signum is not None and not dist.distributed)
+                    (eval_every and it % eval_every == 0) or (not dist.distributed and stop.requested)
                 if not sync:
                     continue
                 values = torch.stack(pending).cpu()
-                flags = torch.tensor([float(not torch.isfinite(values).all()), float(stop.signum is not None)],
+                flags = torch.tensor([float(not torch.isfinite(values).all()), float(stop.requested)],
                                      device=device)
                 distributed.all_reduce(flags, op="max")
                 if flags[0]:
+                    kept = (f"the last checkpoint ({ckpt_path}) is unchanged" if ckpt_path.exists()
+                            else "no checkpoint was written yet")
                     raise NonFiniteLossError(f"cell {cell.id} seed {seed}: non-finite loss before iteration {it}; "
-                                             f"the last checkpoint ({ckpt_path}) is unchanged; lower the lr or set "
-                                             "clip_grad")
+                                             f"{kept}; lower the lr or set clip_grad")
                 mean = values.mean(0)
                 row = {"train_loss": float(mean[0]), **{k: float(v) for k, v in zip(losses, mean[1:])},
                        "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]}
@@ -526,7 +520,8 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
                 if it % ckpt_every == 0 or it == total_iters or flags[1]:
                     checkpoint(it)
                 if flags[1] and it < total_iters:
-                    raise Preempted(f"stop signal: checkpoint at iteration {it} saved to {ckpt_path}")
+                    raise Preempted(f"stopped by {stop.name}: checkpoint at iteration {it} of {total_iters} "
+                                    f"saved to {ckpt_path}")
                 if it >= total_iters or boundary:
                     break
         pbar.close()
@@ -544,7 +539,7 @@ def _train(spec, task_name: str, opts: DownstreamOptions, dist, out: Path, stop:
             wall_time_s=wall, device_type=device.type, world_size=dist.world_size, checkpoint=ckpt_path,
             mlflow_run_id=run_id, init_from=pretrained_path, history=history)
         if dist.is_main:
-            publish_result(tracker, out, result, metrics, total_iters)
+            result = run.publish(tracker, result, metrics, total_iters)
             log.info("done: %s seed %d  %s  (%.1f s) -> %s", cell.id, seed,
                      "  ".join(f"{k} {metrics[k]:.2f}" for k in task.metric_keys), wall, out / "result.json")
         return result

@@ -91,3 +91,20 @@ def newest_result_time(results: dict[str, list[dict]]) -> Optional[float]:
     """Modification time (epoch s) of the newest result.json: the 'as of' of a report."""
     times = [Path(r["_path"]).stat().st_mtime for rs in results.values() for r in rs]
     return max(times) if times else None
+
+
+COST_FIELDS = ("wall_time_s", "gpu_hours", "cpu_hours")
+
+
+def compute_totals(results: dict[str, list[dict]]) -> dict:
+    """``{"runs": n, "wall_time_s": .., "gpu_hours": .., "cpu_hours": ..}`` summed over every result.
+
+    A field no result reports is ``None`` (never 0: unknown is not free); the cost table and
+    build.json both use this sum.
+    """
+    rs = [r for group in results.values() for r in group]
+    out: dict = {"runs": len(rs)}
+    for key in COST_FIELDS:
+        vals = [float(r[key]) for r in rs if r.get(key) is not None]
+        out[key] = math.fsum(vals) if vals else None
+    return out

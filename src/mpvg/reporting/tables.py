@@ -2,16 +2,21 @@
 
 Each paper row shows the paper's number, ours (mean ± sample std over seeds) and the
 difference; a configured cell without a finished run shows "pending", a paper row that no
-cell of params.yaml runs shows "not configured". Nothing is ever filled in.
+cell of params.yaml runs shows "not configured". Nothing is ever filled in. #Params are not
+a run's output: they are counted by building the cell's full-size architecture, so they are
+exact at any scale. The scale notice belongs to the page (report.py), not to the captions.
 """
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Optional
 
 from mpvg.reporting.paper import PaperRow, effective_pe, match_cells
 from mpvg.reporting.render import Entry, Table
-from mpvg.reporting.results import Aggregate, aggregate, metric_value
+from mpvg.reporting.results import Aggregate, aggregate, compute_totals, metric_value
 
 PENDING = "pending"
 NOT_CONFIGURED = "not configured"
@@ -39,6 +44,8 @@ class TableSpec:
     group_header: str = "Model"
     label_headers: list[str] = field(default_factory=lambda: ["Method"])
     label: Callable = None          # (row, pe_config) -> list of label texts
+    number: Optional[str] = None    # the paper's number ("1" for Table 1)
+    kind: str = "Table"             # "Figure" for the numbers behind a figure
 
 
 TOP1 = Metric("top1", "Top-1 (%)", 2)
@@ -66,31 +73,31 @@ def _adapter(row):
 
 
 TABLE_SPECS = [
-    TableSpec("T1", "table1", "Table 1: ImageNet-1K", "Top-1 accuracy of each model and PE method on ImageNet-1K.",
-              [PARAMS, TOP1], ("top1",), group=lambda r: r.model, label=_method),
-    TableSpec("T2", "table2", "Table 2: CIFAR-100",
+    TableSpec("T1", "table1", "ImageNet-1K", "Top-1 accuracy of each model and PE method on ImageNet-1K.",
+              [PARAMS, TOP1], ("top1",), group=lambda r: r.model, label=_method, number="1"),
+    TableSpec("T2", "table2", "CIFAR-100",
               "Top-1 accuracy on CIFAR-100 (T2T-ViT-7: fine-tuned from its ImageNet-1K model).",
-              [PARAMS, TOP1], ("top1",), group=lambda r: r.model, label=_method),
-    TableSpec("T3", "table3", "Table 3: COCO 2017 detection",
+              [PARAMS, TOP1], ("top1",), group=lambda r: r.model, label=_method, number="2"),
+    TableSpec("T3", "table3", "COCO 2017 detection",
               "Mask R-CNN with a ViT-Adapter-Ti backbone pre-trained as DeiT-Ti with each method.",
               [Metric("bbox_ap", "AP box", 1), Metric("segm_ap", "AP mask", 1)], ("bbox_ap", "segm_ap"),
-              group=_adapter, group_header="Model (pre-trained)", label=_method),
-    TableSpec("T4", "table4", "Table 4: ADE20K segmentation",
+              group=_adapter, group_header="Model (pre-trained)", label=_method, number="3"),
+    TableSpec("T4", "table4", "ADE20K segmentation",
               "UperNet with a ViT-Adapter-Ti backbone pre-trained as DeiT-Ti with each method.",
               [Metric("miou", "mIoU", 2)], ("miou",), group=_adapter, group_header="Model (pre-trained)",
-              label=_method),
-    TableSpec("T5", "table5", "Table 5: PE added after the Last LN",
+              label=_method, number="4"),
+    TableSpec("T5", "table5", "PE added after the Last LN",
               "DeiT-Ti MPVG on ImageNet-1K with LN'(pos_k) added after the Last LN, k = 11, 8, 5, 0.",
-              [TOP1], ("top1",), label_headers=["Last LN PE"], label=_t5_label),
-    TableSpec("T6", "table6", "Table 6: structural ablation of MPVG",
+              [TOP1], ("top1",), label_headers=["Last LN PE"], label=_t5_label, number="5"),
+    TableSpec("T6", "table6", "Structural ablation of MPVG",
               "DeiT-Ti MPVG on ImageNet-1K: PE to layer 0, hierarchical PE chain, PE added to x before layer 0.",
-              [TOP1], ("top1",), label_headers=["Layer 0", "Hierarchical", "(x+PE)"], label=_t6_label),
-    TableSpec("F1", "figure1", "Figure 1: class token vs GAP, non-layer-wise vs layer-wise",
-              "DeiT-Ti on ImageNet-1K (the bars of Figure 1).",
-              [TOP1], ("top1",), label_headers=["Structure"], label=_method),
-    TableSpec("F5", "figure5", "Figure 5: Last-LN PE without the layer-wise structure",
-              "DeiT-Ti on ImageNet-1K, GAP, non-layer-wise.",
-              [TOP1], ("top1",), label_headers=["Structure"], label=_method),
+              [TOP1], ("top1",), label_headers=["Layer 0", "Hierarchical", "(x+PE)"], label=_t6_label, number="6"),
+    TableSpec("F1", "figure1", "Class token vs GAP, non-layer-wise vs layer-wise",
+              "DeiT-Ti on ImageNet-1K (the bars of Figure 1, as a table).",
+              [TOP1], ("top1",), label_headers=["Structure"], label=_method, number="1", kind="Figure"),
+    TableSpec("F5", "figure5", "Last-LN PE without the layer-wise structure",
+              "DeiT-Ti on ImageNet-1K, GAP, non-layer-wise (the accuracies of Figure 5, as a table).",
+              [TOP1], ("top1",), label_headers=["Structure"], label=_method, number="5", kind="Figure"),
 ]
 
 
@@ -113,19 +120,83 @@ def _ours(agg: Optional[Aggregate], d: int) -> str:
 
 
 def scale_note(scale: str) -> str:
-    """The caption sentence that says which scale the reproduced numbers come from."""
+    """The scale notice of a page (printed once per page, never in a caption)."""
     if scale == "paper":
         return "Scale: paper (the paper's datasets, models and schedules)."
-    return (f"Scale: {scale}. These are {scale}-scale numbers (shrunk models, generated data, a few "
-            "epochs): they show that the pipeline runs end to end and are not comparable with the "
-            "paper's values; the difference column is given for form only.")
+    return (f"Scale: {scale}. The reproduced numbers come from shrunk models trained for a few epochs on "
+            "generated data: they show that the pipeline runs end to end and are not comparable with the "
+            "paper's values.")
 
 
-def _best(values: list[Optional[float]], d: int) -> set[int]:
-    """Indices of the highest value (after rounding to what is shown, so ties are all bold)."""
-    shown = [None if v is None else round(v, d) for v in values]
-    top = max((v for v in shown if v is not None), default=None)
-    return {i for i, v in enumerate(shown) if v is not None and v == top}
+def best_indices(values: list[Optional[float]], d: int) -> set[int]:
+    """Which values are bold: the index of the unique highest value after rounding to ``d``
+    decimals (what is shown), when at least two values are given; otherwise none.
+
+    So a lone finished cell, or a tie (four cells at 0.0), is never marked as a best.
+    """
+    shown = [(i, round(v, d)) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+    if len(shown) < 2:
+        return set()
+    top = max(v for _, v in shown)
+    winners = {i for i, v in shown if v == top}
+    return winners if len(winners) == 1 else set()
+
+
+#: Tables with a #Params column -> their number in :data:`mpvg.models.params.TABLE_SETTINGS`.
+PARAMS_TABLES = {"T1": 1, "T2": 2}
+
+
+@lru_cache(maxsize=None)
+def _built_count(table: int, model: str, method: str, overrides_json: str) -> Optional[int]:
+    from mpvg.models.params import TABLE_SETTINGS, build_model, count_params
+
+    settings = TABLE_SETTINGS.get((table, model))
+    if settings is None:
+        return None
+    return count_params(build_model(model, method, pe_overrides=json.loads(overrides_json), **settings))
+
+
+def full_size_params(table_key: str, cell) -> Optional[int]:
+    """#Params of ``cell``'s full-size architecture in the paper's table ``table_key`` (T1/T2).
+
+    Built on the ``meta`` device (shapes only) from the registered architecture, the cell's
+    method and PE overrides, and the table's classes and image size
+    (:data:`mpvg.models.params.TABLE_SETTINGS`); the scale's shrinking ``arch`` is not applied.
+    ``None`` when that table has no setting for the model.
+    """
+    try:
+        return _built_count(PARAMS_TABLES[table_key], cell.model, cell.method,
+                            json.dumps(dict(cell.pe_overrides or {}), sort_keys=True))
+    except Exception as err:  # name the cell: the report must not die with a bare timm traceback
+        raise ValueError(f"#Params of cell {cell.id}: building the full-size {cell.model} {cell.method} "
+                         f"with PE overrides {dict(cell.pe_overrides or {})} failed: {err}") from err
+
+
+def _params_notes(spec: TableSpec, rows: list[PaperRow], matches: dict, cells: dict, counts: dict,
+                  results: dict, scale: str) -> list[str]:
+    """Why a #Params difference is not ours to fix, and (at paper scale) runs whose count differs."""
+    from mpvg.models.params import DOCUMENTED_EXCEPTIONS, floor_m
+
+    notes = []
+    table = PARAMS_TABLES[spec.key]
+    for r in rows:
+        cid = matches.get(r.key)
+        count, paper = counts.get(cid), r.values.get("params_m")
+        if cid is None or count is None:
+            if cid is not None:
+                notes.append(f"{cid}: #Params not counted: mpvg.models.params.TABLE_SETTINGS has no "
+                             f"full-size setting for {r.model} in Table {table}")
+            continue
+        if paper is not None and round(floor_m(count), 3) != round(paper, 3) and \
+                (table, r.model, r.method) in DOCUMENTED_EXCEPTIONS:
+            notes.append(f"{r.model} {r.label} #Params: {count:,} parameters; the paper's {paper:.3f} is "
+                         "inconsistent with its own other rows (docs/models.md, documented exceptions)")
+        if scale == "paper":
+            for res in results.get(cid, []):
+                if res.get("params") is not None and int(res["params"]) != count:
+                    notes.append(f"{cid} seed {res['seed']}: result.json reports {int(res['params']):,} "
+                                 f"parameters, the full-size build has {count:,}")
+    return notes
 
 
 def build_table(spec: TableSpec, paper_rows: list[PaperRow], cells: dict, params: dict,
@@ -156,13 +227,17 @@ def build_table(spec: TableSpec, paper_rows: list[PaperRow], cells: dict, params
     columns.append("Seeds")
     align += "r"
 
-    # Per row: status and aggregates per metric.
+    # Per row: status and aggregates of the run metrics; #Params from the full-size build.
+    run_metrics = [m for m in spec.metrics if m.key != PARAMS.key]
+    counts: dict[str, Optional[int]] = {}
     status, aggs = [], []
     for r in rows:
         cid = matches.get(r.key)
         rs = results.get(cid, []) if cid else []
         status.append(NOT_CONFIGURED if cid is None else (PENDING if not rs else ""))
-        aggs.append({m.key: aggregate([metric_value(x, m.key) for x in rs]) for m in spec.metrics})
+        aggs.append({m.key: aggregate([metric_value(x, m.key) for x in rs]) for m in run_metrics})
+        if cid is not None and PARAMS in spec.metrics and cid not in counts:
+            counts[cid] = full_size_params(spec.key, cells[cid])
 
     groups = [spec.group(r) if spec.group else "" for r in rows]
     bold_paper: dict[tuple, bool] = {}
@@ -172,12 +247,12 @@ def build_table(spec: TableSpec, paper_rows: list[PaperRow], cells: dict, params
         for m in spec.metrics:
             if m.key not in spec.best:
                 continue
-            for j in _best([rows[i].values.get(m.key) for i in idx], m.decimals):
+            for j in best_indices([rows[i].values.get(m.key) for i in idx], m.decimals):
                 bold_paper[(idx[j], m.key)] = True
-            for j in _best([aggs[i][m.key].mean if aggs[i][m.key] else None for i in idx], m.decimals):
+            for j in best_indices([aggs[i][m.key].mean if aggs[i][m.key] else None for i in idx], m.decimals):
                 bold_ours[(idx[j], m.key)] = True
 
-    table = Table(spec.name, spec.title, "", columns, align)
+    table = Table(spec.name, spec.title, "", columns, align, kind=spec.kind, number=spec.number)
     prev_group = None
     for i, r in enumerate(rows):
         cfg = effective_pe(r.model, r.method, r.overrides, params)
@@ -187,8 +262,17 @@ def build_table(spec: TableSpec, paper_rows: list[PaperRow], cells: dict, params
         entries += spec.label(r, cfg)
         for m in spec.metrics:
             pv = r.values.get(m.key)
-            agg = aggs[i][m.key]
             entries.append(Entry(MISSING if pv is None else _fmt(pv, m.decimals), bold_paper.get((i, m.key), False)))
+            if m.key == PARAMS.key:
+                from mpvg.models.params import floor_m
+
+                count = counts.get(matches.get(r.key))
+                ours = None if count is None else floor_m(count)
+                entries.append(NOT_CONFIGURED if status[i] == NOT_CONFIGURED else
+                               (MISSING if ours is None else _fmt(ours, m.decimals)))
+                entries.append(_fmt_diff(ours - pv, m.decimals) if ours is not None and pv is not None else "")
+                continue
+            agg = aggs[i][m.key]
             entries.append(Entry(status[i] or _ours(agg, m.decimals), bold_ours.get((i, m.key), False)))
             entries.append(_fmt_diff(agg.mean - pv, m.decimals) if agg is not None and pv is not None else "")
         n = max((a.n for a in aggs[i].values() if a is not None), default=0)
@@ -196,19 +280,23 @@ def build_table(spec: TableSpec, paper_rows: list[PaperRow], cells: dict, params
         table.add_row(entries, new_group=bool(spec.group) and groups[i] != prev_group)
         prev_group = groups[i]
 
+    params_text = ""
+    if PARAMS in spec.metrics:
+        params_text = ("#Params ours: counted by building the cell's full-size architecture (the paper's "
+                       "classes and image size, whatever the scale), in millions floored to 3 decimals as "
+                       "the paper prints them. ")
     table.caption = (f"{spec.what} Paper: the paper's value; ours: mean ± sample standard deviation over "
-                     f"seeds (value alone for one seed); Δ = ours − paper. Bold: the highest value "
-                     f"{'per model ' if spec.group else ''}in each column (paper and ours separately). "
+                     f"seeds (value alone for one seed); Δ = ours − paper. {params_text}Bold: the single "
+                     f"highest value {'per model ' if spec.group else ''}in a column, paper and ours "
+                     "separately, when at least two values are given (ties and lone values are not bold). "
                      f"'{PENDING}': the cell is configured but has no finished run; "
-                     f"'{MISSING}': no value. {scale_note(scale)}")
-    table.notes = sorted({f"{r.label}: paper value from {src}" for r in rows for src in r.sources.values()
-                          if "inferred" in src or "image" in src})
+                     f"'{MISSING}': no value.")
+    notes = {f"{r.label}: paper value from {src}" for r in rows for src in r.sources.values()
+             if "inferred" in src or "image" in src}
+    if PARAMS in spec.metrics:
+        notes.update(_params_notes(spec, rows, matches, cells, counts, results, scale))
+    table.notes = sorted(notes)
     return table
-
-
-def _hours(results: list[dict], key: str) -> Optional[float]:
-    vals = [float(r[key]) for r in results if r.get(key) is not None]
-    return sum(vals) if vals else None
 
 
 def build_cost_table(cells: dict, results: dict[str, list[dict]], params: dict) -> Table:
@@ -216,7 +304,11 @@ def build_cost_table(cells: dict, results: dict[str, list[dict]], params: dict) 
     columns = ["Cell", "Stage", "Device", "Runs", "Wall time (h)", "GPU-hours", "CPU-hours"]
     t = Table("cost", "Compute cost per cell", "", columns, "llllrrr")
     n_seeds = len(params.get("seeds") or [0])
-    totals = {"wall": 0.0, "gpu_hours": 0.0, "cpu_hours": 0.0}
+
+    def hours(tot: dict) -> list:
+        wall = None if tot["wall_time_s"] is None else tot["wall_time_s"] / 3600.0
+        return [MISSING if v is None else f"{v:.4f}" for v in (wall, tot["gpu_hours"], tot["cpu_hours"])]
+
     ids = sorted(set(cells) | set(results))
     for cid in ids:
         rs = results.get(cid, [])
@@ -225,20 +317,15 @@ def build_cost_table(cells: dict, results: dict[str, list[dict]], params: dict) 
         if not rs:
             t.add_row([name, stage, "", f"0/{n_seeds}", PENDING, "", ""])
             continue
-        wall_s = _hours(rs, "wall_time_s")
-        wall = None if wall_s is None else wall_s / 3600.0
-        gpu, cpu = _hours(rs, "gpu_hours"), _hours(rs, "cpu_hours")
-        for k, v in (("wall", wall), ("gpu_hours", gpu), ("cpu_hours", cpu)):
-            totals[k] += v or 0.0
         devices = ", ".join(sorted({str(r.get("device", "?")) for r in rs}))
-        t.add_row([name, stage, devices, f"{len(rs)}/{n_seeds}",
-                   *(MISSING if v is None else f"{v:.4f}" for v in (wall, gpu, cpu))])
+        t.add_row([name, stage, devices, f"{len(rs)}/{n_seeds}", *hours(compute_totals({cid: rs}))])
     done = sum(1 for cid in ids if results.get(cid))
-    t.add_row([Entry("Total", True), "", "", f"{done}/{len(ids)} cells",
-               *(Entry(f"{totals[k]:.4f}", True) for k in ("wall", "gpu_hours", "cpu_hours"))], new_group=True)
-    t.caption = ("GPU-hours and CPU-hours as measured by each run (result.json: gpu_hours, cpu_hours, "
-                 "wall_time_s), summed over the seeds of a cell; 'Runs' is finished seeds / configured seeds. "
-                 + scale_note(params.get("scale", "?")))
+    total = {k: (0.0 if v is None else v) for k, v in compute_totals(results).items()}
+    t.add_row([Entry("Total", True), "", "", f"{done}/{len(ids)} cells", *(Entry(h, True) for h in hours(total))],
+              new_group=True)
+    t.caption = ("Wall time, GPU-hours and CPU-hours as measured by each run (result.json: wall_time_s, "
+                 "gpu_hours, cpu_hours), summed over the finished seeds of a cell; 'Runs': finished seeds / "
+                 f"configured seeds; '{MISSING}': no run of the cell reports it.")
     return t
 
 

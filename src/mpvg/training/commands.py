@@ -27,7 +27,7 @@ def register(subparsers) -> None:
         "preempted (SIGTERM/SIGUSR1; checkpoint saved, requeue).")
     add_params_arguments(p)
     p.add_argument("--cell", required=True, help="cell id, e.g. in1k-deit_ti-mpvg (`mpvg cells` lists them)")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of everything random (default 0)")
     p.add_argument("--out", type=Path, default=None,
                    help="run folder (default: <paths.runs>/<stage>/<cell>/seed<k>)")
     p.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
@@ -36,6 +36,7 @@ def register(subparsers) -> None:
     add_device_arguments(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-resume", action="store_true", help="fail if OUT/checkpoint.pt exists instead of resuming")
+    add_on_change_argument(p)
     p.add_argument("--eval-every", type=int, default=1, metavar="N",
                    help="evaluate every N epochs (0: only after the last; default 1)")
     p.add_argument("--log-interval", type=int, default=20, metavar="STEPS",
@@ -56,6 +57,21 @@ def register(subparsers) -> None:
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     add_device_arguments(e)
     e.set_defaults(func=_eval)
+
+    la = subparsers.add_parser(
+        "launch", help="run a training command in N processes on this node (preemption-safe torchrun)",
+        description="Start `python -m mpvg COMMAND ...` in N processes with torchrun's environment (RANK, "
+        "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), forward SIGTERM/SIGUSR1/SIGINT to all of them, stop the "
+        "others when one fails, and exit 0 when all finished, "
+        f"{REQUEUE_EXIT_CODE} when they stopped on a signal after saving a checkpoint (requeue), else the "
+        "failing worker's code. The Snakefile uses it for jobs with more than one GPU. Example: "
+        "mpvg launch --nproc-per-node 4 train --cell in1k-deit_ti-mpvg --seed 0")
+    la.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", type=int, required=True, metavar="N",
+                    help="processes to start (one per GPU)")
+    la.add_argument("--grace", type=float, default=60.0, metavar="S",
+                    help="seconds the other workers get to save after one failed, before SIGKILL (default 60)")
+    la.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="an mpvg sub-command and its arguments")
+    la.set_defaults(func=_launch)
 
     t = subparsers.add_parser("tracking", help="MLflow store: create it before parallel jobs, complete runs that "
                               "lost their server",
@@ -91,6 +107,36 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: the recipe's)")
 
 
+def seed_type(text: str) -> int:
+    """argparse type of ``--seed``: a non-negative integer (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def add_on_change_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-change", choices=("set-aside", "fail"), default="set-aside",
+                   help="when OUT holds a run of other settings (its signature differs): move it to "
+                   "OUT/previous/<time>/ and start fresh (set-aside, the default) or stop (fail)")
+
+
+def start_point_expectation(params, spec, seed: int, path) -> dict | None:
+    """The signature inputs the start point of ``spec`` must have, when ``path`` is the checkpoint of
+    its planned start cell (same seed); None for any other file (official weights, a user's file)."""
+    from mpvg.signature import expected_inputs
+
+    if spec.cell.init_from is None or path is None:
+        return None
+    planned = spec.init_checkpoint(seed)
+    if planned is None or Path(path).resolve() != planned.resolve():
+        return None
+    return expected_inputs(params, spec.cell.init_from, seed)
+
+
 def fail(command: str, err: BaseException, code: int = 2) -> int:
     print(f"mpvg {command}: error: {err}", file=sys.stderr)
     return code
@@ -100,7 +146,9 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from mpvg.config import ConfigError
     from mpvg.data import DatasetError
 
-    return ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError
+    from mpvg.training.runfolder import RunLockedError
+
+    return ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError, RunLockedError
 
 
 def tracking_settings(args, params) -> tuple[str, str]:
@@ -114,15 +162,19 @@ def run_training_job(command: str, job) -> int:
     """Run ``job()`` (a training job of ``mpvg train`` or ``mpvg detect|segment train``) and turn
     its outcome into the exit code the workflow acts on: 0 done, REQUEUE_EXIT_CODE preempted after
     a checkpoint, 1 non-finite loss, 2 bad config/data/arguments."""
-    from mpvg.training.engine import NonFiniteLossError, Preempted
+    from mpvg.training.runfolder import NonFiniteLossError, Preempted
 
     try:
         job()
     except Preempted as err:
-        print(f"mpvg {command}: {err}; exit {REQUEUE_EXIT_CODE} (requeue to resume)", file=sys.stderr)
+        print(f"mpvg {command}: {err}; exit {REQUEUE_EXIT_CODE} (requeue): the same command resumes it",
+              file=sys.stderr)
         return REQUEUE_EXIT_CODE
     except NonFiniteLossError as err:
         return fail(command, err, 1)
+    except KeyboardInterrupt:
+        print(f"mpvg {command}: interrupted (second Ctrl-C); the last checkpoint on disk is kept", file=sys.stderr)
+        return 130
     except expected_errors() as err:
         return fail(command, err)
     return 0
@@ -138,12 +190,27 @@ def _train(args) -> int:
         uri, experiment = tracking_settings(args, params)
         opts = TrainOptions(
             out_dir=args.out or spec.run_dir(args.seed), seed=args.seed, device=args.device, amp=args.amp,
-            compile=args.compile, init_from=args.init_from, resume=not args.no_resume, quiet=args.quiet,
+            compile=args.compile, init_from=args.init_from,
+            init_expected=start_point_expectation(params, spec, args.seed, args.init_from),
+            resume=not args.no_resume, on_change=args.on_change, quiet=args.quiet,
             eval_every=args.eval_every, num_workers=args.workers, log_interval=max(1, args.log_interval),
             log_checkpoint=args.log_checkpoint, tracking_uri=None if args.no_tracking else uri, experiment=experiment)
         train(spec, opts)
 
     return run_training_job("train", job)
+
+
+def _launch(args) -> int:
+    from mpvg.training.launch import launch
+
+    if not args.argv:
+        print("mpvg launch: error: name the mpvg sub-command to run, e.g. `mpvg launch --nproc-per-node 2 train "
+              "--cell CELL`", file=sys.stderr)
+        return 2
+    try:
+        return launch(args.nproc, args.argv, grace=args.grace)
+    except ValueError as err:
+        return fail("launch", err)
 
 
 def _eval(args) -> int:

@@ -57,7 +57,8 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA device on this host "
+                             f"({os.uname().nodename}); use --device cpu or auto, or run it on a GPU node")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name == "cpu":
         return torch.device("cpu")

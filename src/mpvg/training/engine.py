@@ -25,15 +25,11 @@ Distributed
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,19 +41,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mpvg import runinfo
 from mpvg.training import REQUEUE_EXIT_CODE, distributed  # noqa: F401  (re-exported)
-from mpvg.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mpvg.training.checkpoint import load_checkpoint, rng_state, set_rng_state
+from mpvg.training.runfolder import (NonFiniteLossError, Preempted, RunFolder, ending_run,  # noqa: F401
+                                     load_start_point, open_run)
 
 log = logging.getLogger("mpvg.training")
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the last checkpoint on disk is untouched."""
-
-
-class Preempted(RuntimeError):
-    """A stop signal arrived; a checkpoint was written. Exit with :data:`REQUEUE_EXIT_CODE`."""
 
 
 @dataclasses.dataclass
@@ -70,7 +58,9 @@ class TrainOptions:
     amp: str = "auto"               # auto (bf16 on CUDA when the recipe says amp) | bf16 | fp16 | none
     compile: bool = False
     init_from: Path | None = None
+    init_expected: dict | None = None  # signature inputs the init checkpoint must have (its cell's now)
     resume: bool = True
+    on_change: str = "set-aside"    # the run folder holds other settings: set-aside | fail
     quiet: bool = False
     eval_every: int = 1             # evaluate every N epochs (0: only at the end)
     num_workers: int | None = None  # None: the recipe's
@@ -274,52 +264,6 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
 
 
 # ------------------------------------------------------------------------------ plumbing
-class StopSignal:
-    """Remembers a SIGTERM/SIGUSR1 so the loop can stop at the end of the current step."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signals need the main thread
-            for sig in STOP_SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def run_logging(out_dir: Path | None, is_main: bool):
-    """INFO to stderr and ``<out_dir>/log.txt`` on rank 0; warnings only elsewhere."""
-    root = logging.getLogger("mpvg")
-    handlers: list[logging.Handler] = []
-    if is_main:
-        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-        handlers.append(logging.StreamHandler(sys.stderr))
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.FileHandler(out_dir / "log.txt"))
-        for h in handlers:
-            h.setFormatter(fmt)
-            root.addHandler(h)
-    old_level = root.level
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
-    try:
-        yield
-    finally:
-        root.setLevel(old_level)
-        for h in handlers:
-            root.removeHandler(h)
-            h.close()
-
-
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -343,48 +287,31 @@ def pe_dict(model: torch.nn.Module) -> dict | None:
 
 
 # ------------------------------------------------------------------------------ training
-@contextlib.contextmanager
-def ending_run(tracker):
-    """Close the tracker's run when the block ends: FINISHED, KILLED (:class:`Preempted`, to be
-    resumed) or FAILED (any other error, which propagates)."""
-    status = "FAILED"
-    try:
-        yield
-        status = "FINISHED"
-    except Preempted:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish(status)
-
-
-def publish_result(tracker, out: Path, result: dict, final_metrics: Mapping[str, float], step: int) -> None:
-    """Main process, end of a run: the ``final_*`` metrics to MLflow, then ``result.json``
-    (written atomically: its presence means the run finished) and its MLflow copy."""
-    tracker.log_metrics({f"final_{k}": v for k, v in final_metrics.items()}, step=step)
-    runinfo.write_json_atomic(out / "result.json", result)
-    tracker.log_artifact(out / "result.json")
-
-
 def train(spec, opts: TrainOptions) -> dict[str, Any]:
     """Train one classification cell for one seed; return the result written to result.json.
 
-    Raises :class:`Preempted` after checkpointing on SIGTERM/SIGUSR1 and
-    :class:`NonFiniteLossError` when the loss is NaN/inf (nothing saved for that epoch).
+    The run folder's life cycle (lock, signature, resume or set aside, publish) is
+    :func:`mpvg.training.runfolder.open_run`. Raises :class:`Preempted` after checkpointing on a stop
+    request and :class:`NonFiniteLossError` when the loss is NaN/inf (nothing saved for that epoch).
     """
-    job_start = time.time()
-    dist = distributed.setup(opts.device)
-    out = Path(opts.out_dir)
-    ckpt_path = out / CHECKPOINT_NAME
-    try:
-        with run_logging(out, dist.is_main), StopSignal() as stop:
-            return _train(spec, opts, dist, out, ckpt_path, stop, job_start)
-    finally:
-        distributed.cleanup()
+    from mpvg.signature import cell_inputs
+
+    cell = spec.cell
+    if spec.kind != "classification":
+        raise ValueError(f"cell {cell.id} is a {spec.kind} cell; `mpvg train` runs classification cells "
+                         "(use `mpvg detect` / `mpvg segment`)")
+    if cell.init_from and opts.init_from is None:
+        raise ValueError(f"cell {cell.id} is fine-tuned from cell {cell.init_from}: pass --init-from "
+                         f"{spec.init_checkpoint(opts.seed)} (or another checkpoint)")
+    init_state, init_signature = load_start_point(opts.init_from, opts.init_expected)
+    inputs = cell_inputs(spec, opts.seed, init_signature)
+    with open_run(opts.out_dir, inputs, opts.device, opts.resume, opts.on_change, init_state) as run:
+        if run.finished is not None:
+            return run.finished
+        return _train(spec, opts, run)
 
 
-def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt_path: Path,
-           stop: StopSignal, job_start: float) -> dict[str, Any]:
+def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
     import timm.data
     import timm.loss
     import timm.optim
@@ -393,16 +320,10 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
 
     from mpvg.tracking import RunTracker, model_card
 
-    recipe, device, seed = spec.recipe, dist.device, opts.seed
-    cell = spec.cell
-    if spec.kind != "classification":
-        raise ValueError(f"cell {cell.id} is a {spec.kind} cell; `mpvg train` runs classification cells "
-                         "(use `mpvg detect` / `mpvg segment`)")
-    if cell.init_from and opts.init_from is None:
-        raise ValueError(f"cell {cell.id} is fine-tuned from cell {cell.init_from}: pass --init-from "
-                         f"{spec.init_checkpoint(seed)} (or another checkpoint)")
-    log.info("cell %s seed %d: %s on %d x %s (%s), output %s", cell.id, seed, spec.model_name,
-             dist.world_size, device.type, dist.backend or "single process", out)
+    recipe, dist, seed, cell = spec.recipe, run.dist, opts.seed, spec.cell
+    device, out, ckpt_path, stop, job_start = dist.device, run.out, run.checkpoint_path, run.stop, run.job_start
+    log.info("cell %s seed %d: %s on %d x %s (%s), output %s, signature %s", cell.id, seed, spec.model_name,
+             dist.world_size, device.type, dist.backend or "single process", out, run.signature)
 
     # data: order and augmentation are functions of (seed, epoch, position)
     train_set, val_set = build_datasets(spec)
@@ -421,10 +342,11 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
     # model, initialised identically on every rank
     seed_everything(seed)
     model = build_model(spec)
-    if opts.init_from is not None:
+    if run.init_state is not None:
         from mpvg.models.checkpoint import load_checkpoint_into
 
-        report = load_checkpoint_into(model, load_checkpoint(opts.init_from))
+        report = load_checkpoint_into(model, run.init_state)
+        run.init_state = None  # free it
         log.info("initialised from %s: %s", opts.init_from, report)
     model.to(device)
     n_params = _count_params(model)
@@ -458,17 +380,12 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
     amp_dtype = resolve_amp(opts.amp, recipe, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    # resume from <out>/checkpoint.pt
+    # resume from <out>/checkpoint.pt: open_run checked that it holds a run of these very settings
     start_epoch, start_step, num_updates, elapsed_before = 0, 0, 0, 0.0
     history: list[dict] = []
-    run_id, rng_states = None, None
-    if ckpt_path.exists():
-        if not opts.resume:
-            raise FileExistsError(f"{ckpt_path} exists and --no-resume was given; remove it or drop --no-resume")
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        if ckpt["data"]["global_batch"] != global_batch or ckpt["seed"] != seed:
-            raise ValueError(f"{ckpt_path}: saved with seed {ckpt['seed']} and batch {ckpt['data']['global_batch']}, "
-                             f"now seed {seed} and batch {global_batch}; resuming would not be the same run")
+    run_id, rng_states, progress = None, None, {}
+    if run.resume is not None:
+        ckpt, run.resume = run.resume, None
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -479,6 +396,8 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
         elapsed_before, history, run_id = ckpt["elapsed_s"], ckpt["history"], ckpt.get("mlflow_run_id")
         if start_step and len(ckpt["rng"]) == dist.world_size:
             rng_states = ckpt["rng"][dist.rank]
+        if start_step:  # the interrupted epoch's running sums, so its history row is the uninterrupted one
+            progress = dict(ckpt.get("epoch_progress") or {})
         log.info("resumed from %s: epoch %d, step %d of %d", ckpt_path, start_epoch, start_step, steps_per_epoch)
         del ckpt
 
@@ -501,22 +420,21 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
     run_id = tracker.start(f"{cell.id}-seed{seed}", tags, tracked, run_id=run_id)
     run_id = distributed.broadcast_object(run_id)
 
-    def checkpoint(epoch: int, step: int) -> None:
+    def checkpoint(epoch: int, step: int, epoch_progress: dict | None = None) -> None:
         """Everything needed to continue exactly (rank 0 writes; all ranks give their RNG)."""
         states = [rng_state()]
         if dist.distributed:
             states = [None] * dist.world_size
             torch.distributed.all_gather_object(states, rng_state())
-        if dist.is_main:
-            save_checkpoint(ckpt_path, {
-                "model": unwrap(model).state_dict(), "model_ema": ema.module.state_dict() if ema else None,
-                "model_name": spec.model_name, "model_kwargs": spec.model_kwargs,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "num_updates": num_updates,
-                "rng": states, "data": {"seed": seed, "global_batch": global_batch, "repeats": sampler.repeats},
-                "elapsed_s": elapsed_before + time.time() - job_start, "history": history,
-                "mlflow_run_id": run_id, "cell": cell.id, "seed": seed})
-        distributed.barrier()
+        run.save({
+            "model": unwrap(model).state_dict(), "model_ema": ema.module.state_dict() if ema else None,
+            "model_name": spec.model_name, "model_kwargs": spec.model_kwargs,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "num_updates": num_updates,
+            "epoch_progress": epoch_progress, "total_epochs": total_epochs,
+            "rng": states, "data": {"seed": seed, "global_batch": global_batch, "repeats": sampler.repeats},
+            "elapsed_s": elapsed_before + time.time() - job_start, "history": history,
+            "mlflow_run_id": run_id, "cell": cell.id, "seed": seed})
 
     log.info("training %s (%s, %.2fM params) for %d epochs x %d steps, batch %d (%d per process), lr %.3g",
              cell.id, spec.model_name, n_params / 1e6, total_epochs, steps_per_epoch, global_batch, local_batch,
@@ -535,7 +453,10 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
             if not per_step:
                 scheduler.step(epoch)
             pbar = progress_bar(steps_per_epoch, start_step, f"epoch {epoch + 1}/{total_epochs}", not opts.quiet and dist.is_main)
-            t0, pending, loss_sum, loss_n, last_sync = time.time(), [], 0.0, 0, start_step
+            # running sums of the epoch (carried over from the checkpoint when it was interrupted)
+            loss_sum, loss_n = float(progress.get("loss_sum", 0.0)), int(progress.get("loss_n", 0))
+            time_before, progress = float(progress.get("time_s", 0.0)), {}
+            t0, pending, last_sync = time.time(), [], start_step
             stopped_at = None
             for step, (images, targets) in enumerate(train_loader, start=start_step):
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -551,13 +472,13 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
                 pending.append(loss.detach())
                 # check the losses (and stop requests) every log_interval steps: one sync, not one per step
                 last = step + 1 == steps_per_epoch
-                local_stop = stop.signum is not None and not dist.distributed
+                local_stop = not dist.distributed and stop.requested
                 if (step + 1) % opts.log_interval and not last and not local_stop:
                     continue
                 losses = torch.stack(pending).float()
                 finite = torch.isfinite(losses)
                 # one all-reduce (sum over ranks) of: non-finite losses, stop requests, sum of losses
-                stats = torch.stack([(~finite).sum().float(), torch.tensor(float(stop.signum is not None), device=device),
+                stats = torch.stack([(~finite).sum().float(), torch.tensor(float(stop.requested), device=device),
                                      torch.where(finite, losses, 0.0).sum()])
                 nonfinite, stops, total = distributed.all_reduce(stats).tolist()
                 if nonfinite:
@@ -570,7 +491,7 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
                 loss_sum, loss_n, pending = loss_sum + total / dist.world_size, loss_n + len(losses), []
                 pbar.update(step + 1 - last_sync)
                 last_sync = step + 1
-                rate = (step + 1 - start_step) * global_batch / max(time.time() - t0, 1e-9)
+                rate = (step + 1 - start_step) * global_batch / max(time.time() - t0, 1e-9)  # since this start
                 pbar.set_postfix(loss=f"{total / dist.world_size / len(losses):.4f}",
                                  lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}")
                 if stops:  # every rank agrees: stop after this step
@@ -578,9 +499,11 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
                     break
             pbar.close()
             if stopped_at is not None and stopped_at < steps_per_epoch:
-                checkpoint(epoch, stopped_at)
-                raise Preempted(f"stop signal: checkpoint at epoch {epoch + 1}, step {stopped_at} saved to {ckpt_path}")
-            epoch_time = time.time() - t0
+                checkpoint(epoch, stopped_at, {"loss_sum": loss_sum, "loss_n": loss_n,
+                                               "time_s": time_before + time.time() - t0})
+                raise Preempted(f"stopped by {stop.name}: checkpoint at epoch {epoch + 1}, step {stopped_at} of "
+                                f"{steps_per_epoch} saved to {ckpt_path}")
+            epoch_time = time_before + time.time() - t0
             start_step = 0
 
             # ---- evaluate, checkpoint, log ----
@@ -597,8 +520,8 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
             log.info("epoch %d/%d  train_loss %.4f  %s  lr %.3g  %.0f img/s  %.1f s", epoch + 1, total_epochs,
                      row["train_loss"], "  ".join(f"val_{k} {v:.3f}" for k, v in (val or {}).items()) or "(no eval)",
                      row["lr"], row["images_per_s"], epoch_time)
-            if _agreed(stop.signum is not None, device) and not last_epoch:
-                raise Preempted(f"stop signal: checkpoint at the end of epoch {epoch + 1} saved to {ckpt_path}")
+            if _agreed(stop.requested, device) and not last_epoch:
+                raise Preempted(f"stopped by {stop.name}: checkpoint at the end of epoch {epoch + 1} saved to {ckpt_path}")
 
         # ---- final metrics and result.json (written last) ----
         if val is None:  # resumed after the last epoch, or the loop ran no epoch
@@ -617,7 +540,7 @@ def _train(spec, opts: TrainOptions, dist: distributed.DistInfo, out: Path, ckpt
             tracker.log_artifact(card)
             if opts.log_checkpoint:
                 tracker.log_artifact(ckpt_path, "checkpoint")
-            publish_result(tracker, out, result, val, total_epochs)
+            result = run.publish(tracker, result, val, total_epochs)
             log.info("done: %s seed %d  top1 %.2f  top5 %.2f  loss %.4f  (%.1f s) -> %s", cell.id, seed,
                      val["top1"], val["top5"], val["loss"], wall, out / "result.json")
         return result
