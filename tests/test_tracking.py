@@ -14,16 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, mlflow_server
 from test_training import (CELL, EPOCHS, make_spec, tiny_data, train_in_process,  # noqa: F401
                            write_params)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
 
 
 @contextlib.contextmanager
@@ -213,7 +208,7 @@ def test_sync_completes_a_run_cut_off_by_a_dying_store_under_its_own_id(tmp_path
     tracker = RunTracker(out, uri, "tests", system_metrics=False)
     run_id = tracker.start("c-seed0", {"cell": "c", "task": "c100", "seed": 0}, {"recipe": {"lr": 0.1}})
     tracker.log_metrics({"loss": 1.0}, 1)
-    tracker._client = _client(f"http://127.0.0.1:{closed_port()}")  # the server is gone
+    tracker._client = _client(f"http://127.0.0.1:{free_port()}")  # the server is gone
     begin = time.monotonic()
     for step in (2, 3):
         tracker.log_metrics({"loss": 1.0 / step, "top1": 10.0 * step}, step)
@@ -417,39 +412,6 @@ def test_report_command_logs_one_run_with_the_tables(tmp_path, monkeypatch):
     assert [a.path for a in client.list_artifacts(run_id, "sub")] == ["sub/x.md"]
 
 
-@contextlib.contextmanager
-def mlflow_server(folder: Path, port: int):
-    """A real `mlflow server` on 127.0.0.1:``port`` (SQLite backend and artifacts in ``folder``);
-    yields the process, which the caller may kill; stopped at the end either way."""
-    import os
-    import signal
-    import subprocess
-    import urllib.request
-
-    from conftest import tool_env
-
-    proc = subprocess.Popen(
-        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", sqlite_uri(folder), "--artifacts-destination", str(folder / "artifacts")],
-        cwd=folder, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("mlflow server did not start") from None
-                time.sleep(0.5)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-
-
 @pytest.mark.slow
 def test_a_real_server_killed_mid_run_then_sync_completes_the_run(tmp_path):
     """A real server dies (SIGKILL) after epoch 1: the job finishes offline within seconds; once
@@ -461,11 +423,11 @@ def test_a_real_server_killed_mid_run_then_sync_completes_the_run(tmp_path):
 
     from mpvg.tracking import RunTracker, sync
 
-    port, out = closed_port(), tmp_path / "run"
+    port, out = free_port(), tmp_path / "run"
     uri = f"http://127.0.0.1:{port}"
     out.mkdir()
     (out / "card.md").write_text("card")
-    with mlflow_server(tmp_path, port) as server:
+    with mlflow_server(tmp_path, port) as (_, server):
         tracker = RunTracker(out, uri, "tests", system_metrics=False)
         run_id = tracker.start("c-seed0", {"cell": "c", "task": "coco"}, {"recipe": {"lr": 0.1}})
         tracker.log_metrics({"loss": 1.0}, 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run, tool_env
+from conftest import ROOT, mlflow_server, run, tool_env
 from mpvg.config import expand_cells, load_params
 from mpvg.workflow import plan as wf
 from mpvg.workflow.dvcyaml import render
@@ -322,12 +321,6 @@ def test_ci_runs_make_test():
 
 # --------------------------------------------------------------------------- MLflow
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 LOG_ONE_RUN = """
 import sys
 from mpvg.tracking import RunTracker
@@ -369,33 +362,11 @@ def test_parallel_jobs_lose_no_run_in_the_local_store(tmp_path):
 
 
 def test_parallel_jobs_log_through_a_real_mlflow_server(tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", str(tmp_path / "artifacts")],
-        cwd=tmp_path, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        import urllib.request
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("mlflow server did not start")
-                time.sleep(0.5)
+    with mlflow_server(tmp_path) as (uri, _):
         _log_in_parallel(uri, tmp_path, 4)
         runs = _runs(uri)
         assert sorted(r.info.run_name for r in runs) == [f"job{i}" for i in range(4)]
         assert all(r.data.metrics["loss"] == pytest.approx(1 / 3) for r in runs)
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
 
 
 # --------------------------------------------------------------------------- real runs
