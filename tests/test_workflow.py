@@ -413,8 +413,9 @@ def test_whole_tiny_dag_on_two_cores(workdir):
     uri = f"sqlite:///{workdir / 'mlruns.db'}"
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
-    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    from mpvg.tracking import experiment_ids
+
+    client = MlflowClient(tracking_uri=uri)  # training runs in <experiment>/<task>, analysis and report in <experiment>
+    runs = client.search_runs(list(experiment_ids(uri, params["tracking"]["experiment"]).values()), max_results=5000)
     assert {r["mlflow_run_id"] for r in results} <= {r.info.run_id for r in runs}
     print(f"whole tiny DAG: {len(jobs)} jobs in {elapsed:.0f} s")
