@@ -37,7 +37,7 @@ def _error(overrides) -> str:
     (["recipes.deit.lr=abc"], "recipes.deit.lr: expected a number, got 'abc'"),
     (["recipes.deit.lrr=1"], "recipes.deit: unknown key(s) ['lrr']"),
     (["foo=1"], "<top>: unknown key(s) ['foo']"),
-    (["scale=huge"], "scale: expected one of 'tiny', 'paper', got 'huge'"),
+    (["scale=huge"], "scale: expected one of 'tiny', 'budget', 'paper', got 'huge'"),
     (["seeds=[a]"], "seeds.0: expected an integer"),
     (["datasets.imagenet.root=3"], "datasets.imagenet.root: expected a string, got 3"),
     (["grid.0.models=[DeiT-X]"], "grid.0.models: unknown model 'DeiT-X'; expected one of ['CeiT-Ti'"),
@@ -150,13 +150,14 @@ def test_cell_counts_and_sharing(tiny):
     assert len(by_table["T2"]) == 8 and len(by_table["T3"]) == 4 and len(by_table["T4"]) == 4
     assert len(by_table["T5"]) == 4 and len(by_table["T6"]) == 4
     assert len(by_table["F5"]) == 2 and len(by_table["F1"]) == 4
+    assert [c.id for c in by_table["C1"]] == ["in1k-deit_ti-mpvg-detach"]  # the control, at every scale
     # shared cells are trained once and list every table that uses them
     assert cells["in1k-deit_ti-mpvg"].tables == ["T1", "T5", "T6"]
     assert cells["in1k-deit_ti-default"].tables == ["T1", "F1"]
     assert cells["in1k-deit_ti-pvg"].tables == ["T1", "F1"]
     assert cells["in1k-deit_ti-default-gap"].tables == ["F5", "F1"]
-    # 24 + 8 + 8 downstream + 3 (T5) + 3 (T6) + 2 (F5) + 1 (F1 class token + layer-wise)
-    assert len(cells) == 49
+    # 24 + 8 + 8 downstream + 3 (T5) + 3 (T6) + 2 (F5) + 1 (F1 class token + layer-wise) + 1 (C1 control)
+    assert len(cells) == 50
     assert all(c.id == config.cell_id(c.task, c.model, c.method) or c.pe_overrides for c in cells.values())
 
 

@@ -127,35 +127,44 @@ def test_swin_default_equals_timm_swin_plus_absolute_pe():
 # --------------------------------------------------------------------------- reference loops
 
 def ceit_reference(m: CeiT, img: torch.Tensor, method: str, overrides: dict) -> torch.Tensor:
-    """CeiT logits recomputed from the paper's equations with the model's own weights."""
+    """CeiT logits recomputed from the paper's equations with the model's own weights.
+
+    PVG/MPVG (GAP): no class token unless the model keeps one (``class_token=True``, the earlier
+    design); without it every layer, layer 0 included, gets its LN' term (the count's design).
+    LCA attends over the per-layer summaries (class token, or GAP over the patch tokens)."""
     L = len(m.blocks)
     pos = m.pos_embed
-    x = torch.cat((m.cls_token.expand(img.shape[0], -1, -1), m.i2t(img)), dim=1)
+    x = m.i2t(img)
+    p = 0 if m.cls_token is None else 1
+    if p:
+        x = torch.cat((m.cls_token.expand(img.shape[0], -1, -1), x), dim=1)
+    gap = method in ("pvg", "mpvg")
     P = [None] * L
     if method == "lape":                           # Eq. 5-7: P_l = LN'_l(pos_l), pos_{l+1} = P_l
-        p = pos
+        q = pos
         for l in range(L):
-            p = ln(m.pe.norms[l], p)
-            P[l] = p
+            q = ln(m.pe.norms[l], q)
+            P[l] = q
     else:
         x = x + pos                                # Eq. 1 / Eq. 8
     chain = [pos]
-    if method in ("pvg", "mpvg"):                  # Eq. 9-10: no PE at layer 0
-        p = pos
-        for l in range(1, L):
-            p = ln(m.pe.norms[l], p)
-            P[l] = p
-            chain.append(p)
+    if gap:                                        # Eq. 9-10, layer 0 included without a class token
+        first = 0 if overrides.get("include_layer0", p == 0) else 1
+        q = pos
+        for l in range(first, L):
+            q = ln(m.pe.norms[l], q)
+            P[l] = q
+            chain.append(q)
     summaries = []
-    for blk, p in zip(m.blocks, P):
-        h = blk.norm1(x) if p is None else blk.norm1(x) + p
+    for blk, q in zip(m.blocks, P):
+        h = blk.norm1(x) if q is None else blk.norm1(x) + q
         x = x + blk.attn(h)
         x = x + blk.mlp(blk.norm2(x))
-        summaries.append(x[:, 0] if method in ("default", "lape") else x[:, 1:].mean(1))
+        summaries.append(x[:, p:].mean(1) if gap else x[:, 0])
     s = m.lca(torch.stack(summaries, 1) + m.pos_layer_embed)[:, -1]
     y = m.norm(s)
     if method == "mpvg":                           # Eq. 11, GAP of LN(x) + LN'(pos_k)
-        y = y + ln(m.pe.last_norm, chain[overrides.get("last_ln_pe", 0)])[:, 1:].mean(1)
+        y = y + ln(m.pe.last_norm, chain[overrides.get("last_ln_pe", 0)])[:, p:].mean(1)
     return m.head(y)
 
 
@@ -208,7 +217,7 @@ def swin_reference(m: SwinTransformerPE, img: torch.Tensor, method: str, overrid
 
 REFERENCE_CASES = [
     (CEIT, "default", {}), (CEIT, "lape", {}), (CEIT, "pvg", {}), (CEIT, "mpvg", {}),
-    (CEIT, "mpvg", {"last_ln_pe": 2}),
+    (CEIT, "mpvg", {"last_ln_pe": 2}), (CEIT, "mpvg", {"include_layer0": False}),
     (SWIN, "default", {}), (SWIN, "lape", {}), (SWIN, "lape", {"hierarchical": False}),
     (SWIN, "pvg", {}), (SWIN, "mpvg", {}),
     (SWIN, "mpvg", {"last_ln_pe": 3}), (SWIN, "mpvg", {"hierarchical": False, "last_ln_pe": 4}),
@@ -226,8 +235,11 @@ def test_forward_equals_reference(name, method, overrides):
         out = m(x)
         ref = reference(m, x, method, overrides)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        if method != "default":  # the PE really changes the output
+        if method != "default" and getattr(m, "cls_token", 0) is not None:  # the PE really changes the output
             assert not torch.allclose(reference(m, x, "default", {}), out, atol=1e-4)
+        if name == CEIT and m.cls_token is None and m.pe_cfg.include_layer0:  # and so does CeiT's layer-0 term
+            flipped = {**overrides, "include_layer0": False}
+            assert not torch.allclose(reference(m, x, method, flipped), out, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- training, chain
@@ -284,7 +296,7 @@ def test_forward_analysis_and_last_ln_term(name, tiny):
     x = torch.randn(2, 3, 32, 32)
     a = m.forward_analysis(x)
     assert len(a["layer_inputs"]) == len(a["layer_tokens"]) == len(a["layer_pos"]) == len(m.pe.receives)
-    assert (a["layer_pos"][0] is None) == (name == CEIT)  # Swin's PVG/MPVG include layer 0
+    assert a["layer_pos"][0] is not None  # Swin's PVG/MPVG include layer 0, and CeiT's without a class token
     for xin, tok, pos in zip(a["layer_inputs"], a["layer_tokens"], a["layer_pos"]):
         assert xin.shape == tok.shape and xin.shape[0] == 2
         assert pos is None or pos.shape == (1,) + tok.shape[1:]
@@ -323,21 +335,46 @@ def test_ceit_layer_tokens_are_ln_of_inputs_and_pvg_adds_pe_at_input():
     x = torch.randn(2, 3, 32, 32)
     a = m.forward_analysis(x)
     with torch.no_grad():
-        x0 = torch.cat((m.cls_token.expand(2, -1, -1), m.i2t(x)), 1) + m.pos_embed
+        x0 = m.i2t(x) + m.pos_embed  # no class token with GAP
     torch.testing.assert_close(a["layer_inputs"][0], x0)
     torch.testing.assert_close(a["layer_tokens"][1], m.blocks[1].norm1(a["layer_inputs"][1]))
+    assert a["num_prefix_tokens"] == 0
 
 
-# --------------------------------------------------------------------------- errors, variants
+# --------------------------------------------------------------------------- CeiT with GAP
 
-def test_ceit_without_class_token_is_pure_gap():
-    m = timm.create_model(CEIT, pe_method="pvg", class_token=False, **CEIT_TINY)
+def test_ceit_gap_has_no_class_token_and_the_earlier_design_is_a_knob():
     d = CEIT_TINY["embed_dim"]
-    with_cls = timm.create_model(CEIT, pe_method="pvg", **CEIT_TINY)
-    assert n_params(with_cls) - n_params(m) == 2 * d  # class token + its PE row
-    assert m(torch.randn(2, 3, 32, 32)).shape == (2, CEIT_TINY["num_classes"])
+    n = CEIT_TINY["img_size"] // 4 // CEIT_TINY["patch_size"]
+    for method in ("pvg", "mpvg"):
+        paper = timm.create_model(CEIT, pe_method=method, **CEIT_TINY)
+        assert paper.cls_token is None and paper.num_prefix_tokens == 0 and paper.pos_embed.shape == (1, n * n, d)
+        assert paper.pe_cfg.include_layer0 and all(paper.pe.receives)
+        kept = timm.create_model(CEIT, pe_method=method, class_token=True, **CEIT_TINY)
+        assert kept.cls_token is not None and kept.pos_embed.shape == (1, n * n + 1, d)
+        assert not kept.pe_cfg.include_layer0 and kept.pe.receives == [False] + [True] * (CEIT_TINY["depth"] - 1)
+        # the counts cannot tell the two apart: class token (d) + its PE row (d) = one LN' (2d)
+        assert n_params(paper) == n_params(kept)
+        no_layer0 = timm.create_model(CEIT, pe_method=method, pe_overrides={"include_layer0": False}, **CEIT_TINY)
+        assert n_params(paper) - n_params(no_layer0) == 2 * d
     with pytest.raises(ValueError, match="class_token"):
         timm.create_model(CEIT, pe_method="default", class_token=False, **CEIT_TINY)
+    with torch.device("meta"):  # Table 1 either way
+        for method, count in (("pvg", 6_361_128), ("mpvg", 6_361_512)):
+            assert n_params(timm.create_model(CEIT, pe_method=method, class_token=True)) == count
+            assert n_params(timm.create_model(CEIT, pe_method=method, pe_overrides={"include_layer0": False})) \
+                == count - 384
+
+
+@pytest.mark.parametrize("method", ("pvg", "mpvg"))
+def test_ceit_with_class_token_kept_equals_reference(method):
+    torch.manual_seed(0)
+    m = timm.create_model(CEIT, pe_method=method, class_token=True, **CEIT_TINY).eval()
+    randomize_norms(m)
+    with torch.no_grad():
+        m.cls_token.normal_()
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(m(x), ceit_reference(m, x, method, {}), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_are_named():

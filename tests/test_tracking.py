@@ -262,8 +262,10 @@ def test_experiments_open_on_the_runs_table(tmp_path):
     import mlflow.server
     from mlflow import MlflowClient
 
-    from mpvg.tracking import EXPERIMENT_KIND_TAG, experiment_ids, init_store, runs_table_url
+    from mpvg.config import TASKS
+    from mpvg.tracking import EXPERIMENT_KIND_TAG, TASK_EXPERIMENTS, experiment_ids, init_store, runs_table_url
 
+    assert TASK_EXPERIMENTS == TASKS  # one experiment per task of the grid
     uri = sqlite_uri(tmp_path)
     client = MlflowClient(uri)
     client.create_experiment("proj")  # made before this version: no kind

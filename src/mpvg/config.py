@@ -7,6 +7,7 @@ the DAG, so it imports no torch/timm (only yaml and jsonschema, lazily).
 from __future__ import annotations
 
 import copy
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +18,19 @@ TASKS = ("in1k", "c100", "coco", "ade20k")
 STAGES = ("train", "finetune", "detect", "segment")
 STAGE_OF_TASK_KIND = {"train": "classification", "finetune": "classification",
                       "detect": "detection", "segment": "segmentation"}
-TABLES = ("T1", "T2", "T3", "T4", "T5", "T6", "F1", "F5")
+# C1: the control of the mechanism (MPVG with LN'_last(sg(pos_0)); docs/claims.md), not a paper table.
+TABLES = ("T1", "T2", "T3", "T4", "T5", "T6", "F1", "F5", "C1")
+SCALES = ("tiny", "budget", "paper")
+# Scales with a block of their own in params.yaml, merged in over the paper-scale values.
+SCALE_BLOCKS = ("tiny", "budget")
 DATASETS = ("imagenet", "cifar100", "coco", "ade20k")
 # PEConfig fields (mpvg.models.pe) an ablation may override; mirrored here to avoid torch.
 PE_OVERRIDE_TYPES = {"pool": {"enum": ["token", "avg"]}, "layerwise": {"type": "boolean"},
                      "include_layer0": {"type": "boolean"}, "hierarchical": {"type": "boolean"},
                      "add_at_input": {"type": "boolean"},
                      "last_ln_pe": {"type": ["integer", "null"], "minimum": 0},
-                     "independent_merge_ln": {"type": "boolean"}}
+                     "independent_merge_ln": {"type": "boolean"},
+                     "last_ln_pe_detach": {"type": "boolean"}}
 CLASSIFICATION_RECIPES_KIND = "classification"
 
 
@@ -130,7 +136,18 @@ def _recipe_schema_for(recipe: Mapping, partial: bool) -> dict:
     return _recipe_schema(CLASSIFICATION_RECIPE_PROPS, partial, free=False)
 
 
-_DATASET = _obj({"root": _STR, "num_classes": _POS_INT}, ["root", "num_classes"])
+# classes: an ImageNet class subset read from the full folders (a packaged list's name, e.g.
+# imagenet100, or the folder names themselves); null or absent: every class folder.
+_CLASSES = {"type": ["string", "array", "null"], "items": _STR, "minItems": 1}
+_DATASET = _obj({"root": _STR, "num_classes": _POS_INT, "classes": _CLASSES}, ["root", "num_classes"])
+# cells: glob patterns over cell ids (`in1k-deit_ti-*`); only matching cells of the grid run.
+_CELL_PATTERNS = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
+_SCALE_BLOCK = _obj({
+    "datasets": _obj({d: _obj({"root": _STR, "num_classes": _POS_INT, "classes": _CLASSES}) for d in DATASETS}),
+    "recipes": {"type": "object", "additionalProperties": {"type": "object"}},
+    "models": {"type": "object", "additionalProperties": {"type": "object"}},
+    "cells": _CELL_PATTERNS,
+})
 _MODEL = _obj({"timm": {"type": "string", "pattern": "^[a-z0-9_]+$"}, "depth": _POS_INT,
                "recipe": _STR, "arch": {"type": "object"},
                "method_pe_overrides": _obj({m: _PE_OVERRIDES for m in PAPER_METHODS})},
@@ -147,7 +164,7 @@ _GROUP = _obj({
 }, ["tables", "task", "stage", "dataset", "models", "methods"])
 
 SCHEMA = _obj({
-    "scale": {"enum": ["tiny", "paper"]},
+    "scale": {"enum": list(SCALES)},
     "seeds": {"type": "array", "items": _NN_INT, "minItems": 1, "uniqueItems": True},
     "paths": _obj({"runs": _STR, "reports": _STR, "data": _STR}, ["runs", "reports", "data"]),
     "tracking": _obj({"uri": _STR, "experiment": {"type": "string", "minLength": 1}},
@@ -156,11 +173,8 @@ SCHEMA = _obj({
     "models": {"type": "object", "minProperties": 1, "additionalProperties": _MODEL},
     "recipes": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "object"}},
     "grid": {"type": "array", "items": _GROUP, "minItems": 1},
-    "tiny": _obj({
-        "datasets": _obj({d: _obj({"root": _STR, "num_classes": _POS_INT}) for d in DATASETS}),
-        "recipes": {"type": "object", "additionalProperties": {"type": "object"}},
-        "models": {"type": "object", "additionalProperties": {"type": "object"}},
-    }),
+    "cells": _CELL_PATTERNS,
+    **{block: _SCALE_BLOCK for block in SCALE_BLOCKS},
 }, ["scale", "seeds", "paths", "tracking", "datasets", "models", "recipes", "grid"])
 
 
@@ -284,7 +298,8 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | list[str] | 
 
     ``overrides``: a dict of dotted keys (``{"recipes.deit.lr": 1e-3}``) or ``KEY=VALUE``
     strings whose values are parsed as YAML (``["scale=paper", "seeds=[0,1]"]``).  The
-    returned dict has the ``tiny`` block merged in when ``scale == tiny`` (and removed).
+    returned dict has the scale's block (``tiny`` or ``budget``) merged in when ``scale`` is
+    one of those (both blocks are removed).
     """
     import yaml
 
@@ -307,8 +322,9 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | list[str] | 
     params = validate_params(raw, where)
     # An explicit override wins over the scale's value (``--set recipes.deit.epochs=2`` at
     # scale tiny means 2, not the tiny block's value), so re-apply it after resolution.
-    late = {k: v for k, v in overrides.items() if k != "scale" and not k.startswith("tiny.") and k != "tiny"}
-    if late and raw["scale"] == "tiny":
+    late = {k: v for k, v in overrides.items()
+            if k != "scale" and k.split(".")[0] not in SCALE_BLOCKS}
+    if late and raw["scale"] in SCALE_BLOCKS:
         for key, value in late.items():
             set_dotted(params, key, copy.deepcopy(value))
         _check(params, where)
@@ -318,14 +334,16 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | list[str] | 
 def validate_params(raw: dict, where: str = "params.yaml") -> dict:
     """Validate an unresolved params dict and return it resolved (see :func:`load_params`)."""
     _check(raw, where)
-    tiny = raw.get("tiny", {})
+    block = raw.get(raw["scale"], {}) if raw["scale"] in SCALE_BLOCKS else {}
     params = copy.deepcopy(raw)
-    params.pop("tiny", None)
-    if raw["scale"] == "tiny":
-        params["datasets"] = deep_merge(params["datasets"], tiny.get("datasets", {}))
-        params["recipes"] = deep_merge(params["recipes"], tiny.get("recipes", {}))
-        for name, arch in tiny.get("models", {}).items():
-            params["models"][name]["arch"] = deep_merge(params["models"][name].get("arch", {}), arch)
+    for name in SCALE_BLOCKS:
+        params.pop(name, None)
+    params["datasets"] = deep_merge(params["datasets"], block.get("datasets", {}))
+    params["recipes"] = deep_merge(params["recipes"], block.get("recipes", {}))
+    for name, arch in block.get("models", {}).items():
+        params["models"][name]["arch"] = deep_merge(params["models"][name].get("arch", {}), arch)
+    if "cells" in block:
+        params["cells"] = copy.deepcopy(block["cells"])
     for model in params["models"].values():
         model.setdefault("arch", {})
         model.setdefault("method_pe_overrides", {})
@@ -338,24 +356,32 @@ def _check(raw: dict, where: str) -> None:
     _validate(raw, SCHEMA, where)
     for name, recipe in raw["recipes"].items():
         _validate(recipe, _recipe_schema_for(recipe, partial=False), where, ("recipes", name))
-    tiny = raw.get("tiny", {})
-    for name, recipe in tiny.get("recipes", {}).items():
-        if name not in raw["recipes"]:
-            raise ConfigError(f"{where}: tiny.recipes.{name}: unknown recipe; expected one of "
-                              f"{sorted(raw['recipes'])}")
-        _validate(recipe, _recipe_schema_for(raw["recipes"][name], partial=True), where,
-                  ("tiny", "recipes", name))
-    for name in tiny.get("models", {}):
-        if name not in raw["models"]:
-            raise ConfigError(f"{where}: tiny.models.{name}: unknown model; expected one of "
-                              f"{sorted(raw['models'])}")
+    for scale in SCALE_BLOCKS:
+        block = raw.get(scale, {})
+        for name, recipe in block.get("recipes", {}).items():
+            if name not in raw["recipes"]:
+                raise ConfigError(f"{where}: {scale}.recipes.{name}: unknown recipe; expected one of "
+                                  f"{sorted(raw['recipes'])}")
+            _validate(recipe, _recipe_schema_for(raw["recipes"][name], partial=True), where,
+                      (scale, "recipes", name))
+        for name in block.get("models", {}):
+            if name not in raw["models"]:
+                raise ConfigError(f"{where}: {scale}.models.{name}: unknown model; expected one of "
+                                  f"{sorted(raw['models'])}")
+        for name, ds in block.get("datasets", {}).items():  # a block's subset, with the values it inherits
+            if ds.get("classes") is not None:
+                _check_classes({**raw["datasets"][name], **ds}, f"{where}: {scale}.datasets.{name}", name)
+    for name, ds in raw["datasets"].items():
+        _check_classes(ds, f"{where}: datasets.{name}", name)
     for name, model in raw["models"].items():
         if model["recipe"] not in raw["recipes"]:
             raise ConfigError(f"{where}: models.{name}.recipe: unknown recipe {model['recipe']!r}; "
                               f"expected one of {sorted(raw['recipes'])}")
     for i, group in enumerate(raw["grid"]):
         _check_group(raw, group, f"{where}: grid.{i}")
-    for cell in expand_cells(raw).values():  # id clashes, init_from edges, PE depth
+    expand_cells({**raw, "cells": None})  # id clashes, init_from edges of the whole grid
+    # the cells that run (the active scale's `cells` patterns are checked once merged in): PE depth
+    for cell in expand_cells(raw).values():
         _check_depth(raw, cell, where)
 
 
@@ -373,6 +399,39 @@ def _check_depth(params: Mapping, cell: "Cell", where: str) -> None:
     if last is not None and last >= depth:
         raise ConfigError(f"{where}: cell {cell.id}: last_ln_pe={last} needs more than the {depth} "
                           f"blocks of {cell.model} at scale {params['scale']!r}")
+
+
+def _check_classes(ds: Mapping, where: str, dataset: str) -> None:
+    """A class subset: ImageNet folders only, a known list (or folder names), ``num_classes`` of them."""
+    if ds.get("classes") is None:
+        return
+    if dataset != "imagenet":
+        raise ConfigError(f"{where}.classes: a class subset applies to the ImageNet folders only, not {dataset}")
+    try:
+        classes = dataset_classes(ds)
+    except ValueError as err:  # an unknown list, an edited list file
+        raise ConfigError(f"{where}.classes: {err}") from None
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"{where}.classes: a class is listed twice")
+    if len(classes) != ds["num_classes"]:
+        raise ConfigError(f"{where}: classes {ds['classes']!r} names {len(classes)} classes but num_classes "
+                          f"is {ds['num_classes']}")
+
+
+def dataset_classes(ds: Mapping) -> tuple | None:
+    """The class folders a dataset entry keeps: ``None`` (all), or its ``classes`` as folder
+    names (a packaged list such as ``imagenet100`` is read from mpvg/data, docs/claims.md)."""
+    classes = ds.get("classes")
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        from mpvg.data import DatasetError, class_list  # torch-free
+
+        try:
+            return tuple(class_list(classes))
+        except DatasetError as err:
+            raise ValueError(str(err)) from None
+    return tuple(str(c) for c in classes)
 
 
 def _check_group(raw: dict, group: dict, where: str) -> None:
@@ -454,7 +513,25 @@ def expand_cells(params: Mapping) -> dict[str, Cell]:
         if cell.init_from is not None and cell.init_from not in cells:
             raise ConfigError(f"params.yaml: cell {cell.id} starts from {cell.init_from}, "
                               "which no grid group trains")
+    if params.get("cells") is not None:
+        cells = select_cells(cells, params["cells"], params.get("scale", "?"))
     return cells
+
+
+def select_cells(cells: Mapping[str, Cell], patterns: list, scale: str = "?") -> dict[str, Cell]:
+    """The cells whose id matches one of the glob ``patterns`` (params ``cells``, e.g. the
+    ``budget`` block's), in grid order.  A pattern that matches nothing, or a selected cell
+    whose start point is not selected, is an error (never a silently smaller grid)."""
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(cid, pat) for cid in cells):
+            raise ConfigError(f"params.yaml: cells: pattern {pat!r} (scale {scale!r}) matches no cell of the "
+                              f"grid; cell ids look like {list(cells)[:3]} (`mpvg cells` lists them)")
+    kept = {cid: c for cid, c in cells.items() if any(fnmatch.fnmatchcase(cid, p) for p in patterns)}
+    for cell in kept.values():
+        if cell.init_from is not None and cell.init_from not in kept:
+            raise ConfigError(f"params.yaml: cells (scale {scale!r}) selects {cell.id} but not {cell.init_from}, "
+                              "the cell it starts from; add a pattern for it")
+    return kept
 
 
 # --------------------------------------------------------------------------- runs
@@ -474,6 +551,7 @@ class RunSpec:
     num_classes: int
     runs_root: Path
     tracking: dict = field(default_factory=dict)
+    classes: tuple | None = None    # ImageNet class subset (folder names), None: every class
 
     @property
     def kind(self) -> str:
@@ -537,7 +615,7 @@ def resolve_run(params: Mapping, cell_id: str) -> RunSpec:
                    model_name=mcfg["timm"], model_kwargs=kwargs, recipe=recipe,
                    dataset=cell.dataset, dataset_root=Path(ds["root"]),
                    num_classes=ds["num_classes"], runs_root=Path(params["paths"]["runs"]),
-                   tracking=dict(params["tracking"]))
+                   tracking=dict(params["tracking"]), classes=dataset_classes(ds))
 
 
 # --------------------------------------------------------------------------- CLI glue
@@ -552,5 +630,18 @@ def add_params_arguments(parser) -> None:
 
 
 def params_from_args(args) -> dict:
-    """:func:`load_params` from the arguments added by :func:`add_params_arguments`."""
-    return load_params(getattr(args, "params", "params.yaml"), getattr(args, "overrides", None) or None)
+    """:func:`load_params` from the arguments added by :func:`add_params_arguments`.
+
+    Under DVC (a stage's command), also checks that dvc.yaml still matches params.yaml: a stage
+    run from a stale dvc.yaml stops with what to run instead (mpvg.workflow.dvcyaml)."""
+    path, overrides = getattr(args, "params", "params.yaml"), getattr(args, "overrides", None) or []
+    params = load_params(path, overrides or None)
+    import os
+
+    if os.environ.get("DVC_STAGE"):
+        from mpvg.workflow.dvcyaml import stale_under_dvc
+
+        problem = stale_under_dvc(path, list(overrides), params)
+        if problem:
+            raise ConfigError(problem)
+    return params

@@ -5,12 +5,9 @@
 #
 # checkpoint.pt is deliberately not a declared output: Snakemake deletes a job's outputs
 # before it (re)runs it, which would throw away the state a preempted run resumes from.
-# result.json (written last) marks a finished run.
-#
-# Inputs are ancient(): Snakemake 9 always compares modification times (its `mtime` rerun
-# trigger cannot be switched off), and results restored by `dvc pull`/`dvc checkout` get fresh,
-# arbitrary mtimes. A job reruns when its output is missing, its params (the resolved cell),
-# its set of inputs or its software environment changed, or a job it depends on reruns.
+# result.json (written last) marks a finished run. Which jobs run is the rerun rule of
+# common.smk (mpvg.workflow.state): inputs are ancient(), plus a trigger for a job that must run.
+# `exec` makes the job's process a direct child of Snakemake (it stops when Snakemake dies).
 
 for _stage in wf.CELL_STAGES:
 
@@ -18,14 +15,15 @@ for _stage in wf.CELL_STAGES:
         name:
             _stage
         input:
-            planned(_stage, lambda job: ancient(job.deps)),
+            planned(_stage, job_inputs),
         output:
             f"{RUNS}/{_stage}/{{cell}}/seed{{seed}}/{wf.RESULT}",
+        log:
+            f"{RUNS}/{_stage}/{{cell}}/seed{{seed}}/{wf.JOB_LOG}",
         params:
             cmd=command(_stage),
-            run=lambda wildcards: wf.run_signature(P, wildcards.cell),
         threads: planned(_stage, lambda job: job.resources["threads"])
         resources:
             **{name: planned(_stage, lambda job, name=name: job.resources[name]) for name in RESOURCES},
         shell:
-            "{params.cmd}"
+            "exec {params.cmd} >> {log} 2>&1"

@@ -1,12 +1,16 @@
-# Configuration, the job plan, start-of-run checks. Rules stay thin calls into `mpvg`.
+# Configuration, the job plan, the rerun rule, start-of-run checks. Rules stay thin calls into `mpvg`.
+import os
 import shlex
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.settings import ExecMode
 
 from mpvg.config import ConfigError, load_params
 from mpvg.workflow import plan as wf
 from mpvg.workflow import preflight
+from mpvg.workflow import state as wf_state
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -22,10 +26,92 @@ JOBS = {(job.rule, job.key): job for job in wf.build_plan(P, PARAMS_FILE, OVERRI
 RUNS = P["paths"]["runs"]
 REPORTS = P["paths"]["reports"]
 COMMON = " ".join(shlex.quote(a) for a in wf.common_args(PARAMS_FILE, OVERRIDES))
+# The main Snakemake plans; the per-job Snakemake that SLURM starts (remote mode) only runs its job.
+PLANNING = workflow.exec_mode == ExecMode.DEFAULT
+DRY_RUN = any(a in ("-n", "--dry-run", "--dryrun", "--dry_run") or
+              (a.startswith("-") and not a.startswith("--") and a[1:].isalpha() and "n" in a[1:])
+              for a in sys.argv[1:])
+
+# Jobs run `mpvg` from the environment Snakemake runs in (also when it was started as
+# .venv/bin/snakemake without activating the venv).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# A job whose parent (Snakemake, or the SLURM job step) dies saves a checkpoint and stops
+# (mpvg.training.runfolder.StopSignal): no run goes on unsupervised.
+os.environ["MPVG_STOP_WITH_PARENT"] = "1"
+
+if config.get("cluster") == "slurm" and P["scale"] == "tiny":
+    raise WorkflowError(
+        "the slurm profile would submit tiny-scale jobs (generated data, CPU) to the cluster: scale is "
+        f"'tiny' in {PARAMS_FILE} and no scale was given. Keep the profile's scale (do not pass "
+        "--config scale=tiny) or run the tiny scale locally: snakemake --cores 2")
 
 wildcard_constraints:
     cell=r"[a-z0-9_]+(-[a-z0-9_]+)+",
     seed=r"\d+",
+
+
+# ------------------------------------------------------------------------------ the rerun rule
+# mpvg.workflow.state decides which jobs must run (output missing, run signature changed, or a job
+# it depends on reruns; file times never matter). Snakemake is told through its own semantics:
+# every input is ancient(), a job that must run gets one more input, a trigger file written now
+# (newer than its output), and a job that is current gets no inputs at all, so nothing can make
+# Snakemake rerun it. docs/workflow.md, "The rerun rule".
+STATES = wf_state.job_states(P, list(JOBS.values())) if PLANNING else {}
+TRIGGERS = {}
+if PLANNING:
+    for key, st in STATES.items():
+        job = JOBS[key]
+        if st.needs_run and not job.target:
+            TRIGGERS[key] = wf.trigger_path(P, job)
+            Path(TRIGGERS[key]).parent.mkdir(parents=True, exist_ok=True)
+            Path(TRIGGERS[key]).write_text(f"{st.status}: " + "; ".join(st.reasons) + "\n")
+    todo = wf_state.summary(STATES)
+    if todo:
+        print(f"mpvg: {len(todo)} of {len(STATES)} jobs must run (the others are current):", file=sys.stderr)
+        for line in todo[:12]:
+            print(f"  {line}", file=sys.stderr)
+        if len(todo) > 12:
+            print(f"  ... and {len(todo) - 12} more (`mpvg status` lists them)", file=sys.stderr)
+
+
+def job_inputs(job):
+    """What Snakemake sees as the job's inputs (see "the rerun rule" above)."""
+    if not PLANNING or job.target:
+        return [ancient(d) for d in job.deps]
+    if (job.rule, job.key) not in TRIGGERS:
+        return []
+    return [ancient(d) for d in job.deps] + [TRIGGERS[(job.rule, job.key)]]
+
+
+# ------------------------------------------------------------------------------ start-up checks
+def stale_snakemake_lock():
+    """The exact command that removes a lock a killed Snakemake left (None when there is none, or
+    when another Snakemake really runs in this folder)."""
+    locks = Path(".snakemake/locks")
+    if not locks.is_dir() or not any(locks.iterdir()):
+        return None
+    here, me = os.getcwd(), {os.getpid(), os.getppid()}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in me:
+            continue
+        try:
+            if os.readlink(proc / "cwd") == here and b"snakemake" in (proc / "cmdline").read_bytes():
+                return None  # a live Snakemake: its lock is real
+        except OSError:
+            continue
+    args = [a for a in sys.argv[1:]]
+    return "snakemake --unlock " + " ".join(shlex.quote(a) for a in args)
+
+
+if PLANNING:
+    _unlock = stale_snakemake_lock()
+    if _unlock and not DRY_RUN:
+        raise WorkflowError(
+            "a Snakemake that was killed left its lock in .snakemake/locks (no other Snakemake runs here). "
+            f"Remove it with\n    {_unlock}\nthen run the same command again: finished runs are kept, "
+            "interrupted ones resume.")
+    if _unlock:
+        print(f"mpvg: a killed Snakemake left a lock; a real run needs `{_unlock}` first", file=sys.stderr)
 
 
 # Per-job resources (threads also go through the `threads:` directive for local runs; the SLURM
@@ -59,7 +145,7 @@ def planned(rule, what):
 
 
 def command(rule):
-    """The job's shell command, launched on ``resources.gpu`` GPUs (torchrun when > 1)."""
+    """The job's shell command, launched on ``resources.gpu`` GPUs (`mpvg launch` when > 1)."""
 
     def get(wildcards, resources):
         return wf.Opaque(job_of(rule, wildcards).shell(gpus=resources.get("gpu", 0)))
@@ -78,11 +164,34 @@ def jobs_without_partition():
                    if job.rule.name not in workflow._localrules and not job.resources.get("slurm_partition")})
 
 
+def runs_still_going():
+    """Jobs about to run whose run folder another process still writes (e.g. a SLURM job left by a
+    Snakemake that was killed): starting them would fail on the folder's lock."""
+    from mpvg.training.runfolder import lock_holder
+
+    out = []
+    for job in workflow.dag.needrun_jobs():
+        for f in job.output:
+            holder = lock_holder(Path(str(f)).parent)
+            if holder:
+                out.append(f"{Path(str(f)).parent}: pid {holder.get('pid')} on {holder.get('host')}"
+                           + (f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""))
+    return sorted(set(out))
+
+
 onstart:
     # Real runs only (not -n): stop before anything is submitted when an input dataset or the
-    # SLURM partition is missing, then create the MLflow store once for all jobs.
+    # SLURM partition is missing, when a tiny plan would go to SLURM, or when a run folder is still
+    # written by an earlier job; then create the MLflow store once for all jobs.
     slurm = executor_name() == "slurm"
     problems = preflight.problems(P, slurm_rules_without_partition=jobs_without_partition() if slurm else [])
+    if slurm and P["scale"] == "tiny":
+        problems.append("scale is 'tiny' (generated data, CPU jobs) and the executor is slurm: use the slurm "
+                        "profile (scale paper) or --config scale=paper|budget, or run the tiny scale locally")
+    going = runs_still_going()
+    if going:
+        problems.append("these run folders are still being written by earlier jobs (wait for them, or stop them "
+                        "with kill / scancel), then run the same command again:\n      " + "\n      ".join(going))
     if problems:
         raise WorkflowError("cannot start:\n  - " + "\n  - ".join(problems))
     shell(f"mpvg tracking {COMMON} init")

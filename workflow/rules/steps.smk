@@ -1,20 +1,44 @@
 # The jobs that are not per cell: the generated tiny data (tiny scale only; real datasets are
 # DVC-tracked inputs that a real run checks before it starts), the figures from checkpoints
-# (mpvg analyze) and the tables from result.json files (mpvg report).
+# (mpvg analyze), the tables from result.json files (mpvg report), and the targets a researcher
+# asks for by name (table1 ... table6, figure1, figure5, downstream: those runs, then those tables).
 
-for _job in [job for job in JOBS.values() if not job.key]:
+for _job in [job for job in JOBS.values() if not job.key and not job.target]:
 
     rule:
         name:
             _job.rule
         input:
-            ancient(_job.deps),  # see cells.smk
+            job_inputs(_job),
         output:
             [directory(out) for out in _job.outs] if _job.directory_outs else _job.outs,
+        log:
+            _job.log,
         params:
             cmd=wf.Opaque(_job.shell()),
         threads: _job.resources["threads"]
         resources:
             **snakemake_resources(_job),
         shell:
+            "exec {params.cmd} >> {log} 2>&1"
+
+
+for _job in [job for job in JOBS.values() if job.target]:
+
+    rule:
+        name:
+            _job.rule
+        input:
+            job_inputs(_job),
+        params:
+            cmd=wf.Opaque(_job.shell()),
+        threads: 1
+        localrule: True
+        shell:
             "{params.cmd}"
+
+
+rule figures:
+    input:
+        f"{REPORTS}/figures",
+    localrule: True

@@ -34,6 +34,14 @@ def run_analyze(args: argparse.Namespace) -> int:
     analyzer = checkpoint_analyzer(params, args.batch_size, args.samples)
     result = run_analysis(params, expand_cells(params), runs, out, analyzer, seed=args.seed, samples=args.samples)
     write_summary(result, out, params)
+    # the runs these figures were drawn from, by run signature (the workflow's rerun rule reads it)
+    import json
+
+    from mpvg.workflow.state import seen_record
+
+    record = out / "analysis.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), **seen_record(params, "analyze", runs)},
+                                 indent=2, sort_keys=True) + "\n")
     states = ", ".join(f"{k}: {v['status']}" for k, v in result["figures"].items())
     print(f"mpvg analyze: {states}; wrote {out}/analysis.json")
     return 0

@@ -142,7 +142,7 @@ def fixed_batch(spec, n: int):
     from mpvg.data.classification import build_dataset, build_transform
 
     ds = build_dataset(spec.dataset, spec.dataset_root, "val", build_transform(spec.recipe, is_train=False),
-                       spec.num_classes)
+                       spec.num_classes, spec.classes)
     idx = np.unique(np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int))
     return torch.stack([ds[int(i)][0] for i in idx])
 

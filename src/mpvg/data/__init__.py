@@ -34,6 +34,9 @@ ADE20K_DIRS = {"train": "training", "val": "validation"}
 COCO_DIRS = {"train": "train2017", "val": "val2017"}
 
 
+CLASS_LISTS_FILE = Path(__file__).with_name("class_lists.yaml")
+
+
 class DatasetError(RuntimeError):
     """A dataset root is missing or not in the expected layout, or a file in it is bad (the
     message names the path).
@@ -61,6 +64,57 @@ def _unwrap_worker_message(cls: type, message: object) -> object:
     return f"{message[start + len(marker):].strip()} ({where})"
 
 
+def class_lists() -> dict:
+    """The packaged ImageNet class subsets (class_lists.yaml): ``{name: {file, classes, sha256, source}}``."""
+    import yaml
+
+    return yaml.safe_load(CLASS_LISTS_FILE.read_text(encoding="utf-8"))
+
+
+def class_list(name: str) -> list[str]:
+    """The folder names (WordNet ids) of the packaged class subset ``name``, in file order.
+
+    The file is checked against the sha256 and the class count recorded in class_lists.yaml,
+    so an edited list can never pass for the published one.
+    """
+    import hashlib
+
+    lists = class_lists()
+    if name not in lists:
+        raise DatasetError(f"unknown class list {name!r}; expected one of {sorted(lists)} ({CLASS_LISTS_FILE})")
+    entry = lists[name]
+    path = CLASS_LISTS_FILE.with_name(entry["file"])
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DatasetError(f"{path}: sha256 differs from the one in {CLASS_LISTS_FILE.name}; "
+                           f"it is not the published list ({entry['source']})")
+    names = data.decode("ascii").split()
+    if len(names) != entry["classes"] or len(set(names)) != len(names):
+        raise DatasetError(f"{path}: {len(names)} names ({len(set(names))} distinct), expected "
+                           f"{entry['classes']} distinct class folders")
+    return names
+
+
+def select_classes(split_dir: Path, classes) -> list[str]:
+    """The class folders of ``split_dir`` to use: all of them (``classes`` None), or the
+    listed ones, sorted like the folders are (so a label means the same class whether the
+    subset is read from the full ImageNet or from a copy holding only those folders).
+
+    Every listed class must be a folder of ``split_dir``; the message names the missing ones.
+    """
+    present = imagefolder_classes(split_dir)
+    if classes is None:
+        return present
+    wanted = sorted(set(classes))
+    if len(wanted) != len(list(classes)):
+        raise DatasetError(f"class subset for {split_dir} lists a class twice")
+    missing = sorted(set(wanted) - set(present))
+    if missing:
+        raise DatasetError(f"{split_dir}: {len(missing)} of the {len(wanted)} classes of the subset are not "
+                           f"class folders there: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return wanted
+
+
 def _fail(name: str, root: Path, problem: str) -> DatasetError:
     return DatasetError(f"{root}: {problem}; expected {LAYOUTS[name].format(root=root)}")
 
@@ -85,14 +139,15 @@ def imagefolder_classes(split_dir: Path) -> list[str]:
     return [e.name for e in _listdir(split_dir) if e.is_dir() and not e.name.startswith(".")]
 
 
-def imagefolder_samples(split_dir: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """``(classes, [(path, label), ...])`` of an ImageNet-style split, in sorted order.
+def imagefolder_samples(split_dir: str | Path, subset=None) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(classes, [(path, label), ...])`` of an ImageNet-style split, in sorted order; ``subset``
+    keeps only those class folders (:func:`select_classes`).
 
     A plain ``os.scandir`` per class (no per-file ``stat``: seconds for ImageNet's 1.28 M
     files).  A class folder without images is an error: its label would never be seen.
     """
     split_dir = Path(split_dir)
-    classes = imagefolder_classes(split_dir)
+    classes = select_classes(split_dir, subset)
     samples: list[tuple[str, int]] = []
     empty = []
     for idx, cls in enumerate(classes):
@@ -157,13 +212,15 @@ def ade20k_pairs(root: str | Path, split: str) -> tuple[list[str], list[Path], l
     return stems, [imgs[s] for s in stems], [anns[s] for s in stems]
 
 
-def check_dataset(name: str, root: str | Path, split: str = "train", num_classes: int | None = None) -> dict:
+def check_dataset(name: str, root: str | Path, split: str = "train", num_classes: int | None = None,
+                  classes=None) -> dict:
     """Fail early and clearly if ``root`` does not hold ``split`` of dataset ``name``.
 
     Cheap (folder listings and a few bytes, never an image): ImageNet's class folders (and
     that train and val name the same classes), CIFAR's pickles, COCO's annotation file (present
     and not cut off) and image folder, ADE20K's image/label pairs.  Returns a summary
-    (``{"root", "split", "num_classes"}`` where known).
+    (``{"root", "split", "num_classes"}`` where known).  ``classes`` (ImageNet folders only) is
+    a class subset: every listed class must be there, and it is what is counted.
     """
     root = Path(root)
     if name not in LAYOUTS:
@@ -178,15 +235,15 @@ def check_dataset(name: str, root: str | Path, split: str = "train", num_classes
         split_dir = root / split
         if not split_dir.is_dir():
             raise _fail(name, root, f"no {split!r} folder ({_found(root)})")
-        classes = imagefolder_classes(split_dir)
-        if not classes:
+        found = select_classes(split_dir, classes)
+        if not found:
             raise _fail(name, root, f"{split_dir} has no class folders ({_found(split_dir)})")
-        first = split_dir / classes[0]
+        first = split_dir / found[0]
         if not any(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in _listdir(first)):
             raise _fail(name, root, f"{first} holds no images ({_found(first)})")
         if (root / "train").is_dir() and (root / "val").is_dir():
             check_same_classes(root / "train", root / "val")
-        info["num_classes"] = len(classes)
+        info["num_classes"] = len(found)
     elif name == "cifar100":
         for fname in ("train" if split == "train" else "test", "meta"):
             if not (root / fname).is_file():
@@ -205,6 +262,8 @@ def check_dataset(name: str, root: str | Path, split: str = "train", num_classes
             if not (root / kind / sub).is_dir():
                 raise _fail(name, root, f"no '{kind}/{sub}' folder ({_found(root / kind)})")
         ade20k_pairs(root, split)
+    if classes is not None and name != "imagenet":
+        raise DatasetError(f"{root}: a class subset applies to ImageNet class folders only, not to {name}")
     if num_classes is not None and info["num_classes"] not in (None, num_classes):
         raise DatasetError(f"{root}: {info['num_classes']} classes in {split!r} but params.yaml says "
                            f"num_classes: {num_classes} for {name}")

@@ -23,16 +23,19 @@ CLASSIFICATION_DATASETS = ("imagenet", "cifar100")
 class ImageFolderDataset(Dataset):
     """``<root>/<split>/<class>/<image>``: labels are the sorted class-folder indices.
 
+    ``classes`` keeps only those class folders (a published subset such as ImageNet-100, read
+    from the full ImageNet folders); labels are then the indices in the sorted subset.
     A plain file list (``os.scandir``) and PIL decoding: no per-item ``stat`` calls, so
     listing ImageNet's 1.28M files takes seconds.  An image that cannot be read is a
     :class:`DatasetError` naming its path (:func:`mpvg.data.integrity.decode_errors`).
     """
 
-    def __init__(self, root: str | Path, split: str = "train", transform: Optional[Callable] = None):
-        check_dataset("imagenet", root, split)
+    def __init__(self, root: str | Path, split: str = "train", transform: Optional[Callable] = None,
+                 classes: Optional[list] = None):
+        check_dataset("imagenet", root, split, classes=classes)
         self.root = Path(root)
         self.split_dir = self.root / split
-        self.classes, self.samples = imagefolder_samples(self.split_dir)
+        self.classes, self.samples = imagefolder_samples(self.split_dir, classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.targets = [t for _, t in self.samples]
         self.transform = transform
@@ -65,10 +68,13 @@ class Cifar100Dataset(Dataset):
 
 
 def build_dataset(name: str, root: str | Path, split: str, transform: Optional[Callable] = None,
-                  num_classes: int | None = None) -> Dataset:
-    """The dataset ``name`` (imagenet | cifar100) at ``root``; checks ``num_classes`` if given."""
+                  num_classes: int | None = None, classes: Optional[list] = None) -> Dataset:
+    """The dataset ``name`` (imagenet | cifar100) at ``root``; checks ``num_classes`` if given;
+    ``classes``: an ImageNet class subset (:class:`ImageFolderDataset`)."""
     if name == "imagenet":
-        ds = ImageFolderDataset(root, split, transform)
+        ds = ImageFolderDataset(root, split, transform, classes)
+    elif classes is not None:
+        raise DatasetError(f"{root}: a class subset applies to ImageNet class folders only, not to {name}")
     elif name == "cifar100":
         ds = Cifar100Dataset(root, split, transform)
     else:
@@ -229,9 +235,11 @@ def build_classification_data(spec, seed: int = 0, world_size: int = 1, rank: in
     """Train/eval loaders for a :class:`mpvg.config.RunSpec` of a classification cell."""
     recipe = spec.recipe
     for split in ("train", "val"):
-        check_dataset(spec.dataset, spec.dataset_root, split, spec.num_classes)
-    train_ds = build_dataset(spec.dataset, spec.dataset_root, "train", build_transform(recipe, True), spec.num_classes)
-    eval_ds = build_dataset(spec.dataset, spec.dataset_root, "val", build_transform(recipe, False), spec.num_classes)
+        check_dataset(spec.dataset, spec.dataset_root, split, spec.num_classes, spec.classes)
+    train_ds = build_dataset(spec.dataset, spec.dataset_root, "train", build_transform(recipe, True), spec.num_classes,
+                             spec.classes)
+    eval_ds = build_dataset(spec.dataset, spec.dataset_root, "val", build_transform(recipe, False), spec.num_classes,
+                            spec.classes)
     batch = per_process_batch(recipe["batch_size"], world_size)
     workers = recipe["workers"] if num_workers is None else num_workers
     return ClassificationData(

@@ -69,7 +69,7 @@ def _advice(name: str, root: str, scale: str) -> str:
 def _check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mpvg.config import ConfigError, expand_cells, params_from_args
+    from mpvg.config import ConfigError, dataset_classes, expand_cells, params_from_args
     from mpvg.data import LAYOUTS, SPLITS, DatasetError, check_dataset
 
     try:
@@ -92,7 +92,7 @@ def _check(args: argparse.Namespace) -> int:
             problems.append(f"{root} does not exist; expected {LAYOUTS[name].format(root=root)}")
         for split in SPLITS if not problems else ():
             try:
-                num_classes = check_dataset(name, root, split, ds["num_classes"])["num_classes"]
+                num_classes = check_dataset(name, root, split, ds["num_classes"], dataset_classes(ds))["num_classes"]
             except DatasetError as err:
                 if str(err) not in problems:
                     problems.append(str(err))

@@ -19,3 +19,14 @@ class PEBlock(Block):
         x = x + self.drop_path1(self.ls1(self.attn(h, **kwargs)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+
+def set_qk_scale(block: Block, qk_scale: float) -> None:
+    """Scale the attention logits of ``block`` by ``qk_scale`` instead of ``head_dim ** -0.5``
+    (the ``qk_scale`` argument of the original T2T-ViT / CeiT code).  timm's fused attention
+    always uses the default scale, so the block takes timm's explicit path, which multiplies
+    ``q`` by ``attn.scale``; the weights and their names are unchanged."""
+    if not qk_scale > 0:
+        raise ValueError(f"qk_scale must be a positive number, got {qk_scale!r}")
+    block.attn.scale = float(qk_scale)
+    block.attn.fused_attn = False

@@ -158,3 +158,130 @@ def load_checkpoint_into(model: nn.Module, state_dict: Mapping, strict: bool = T
 
     result = model.load_state_dict(sd, strict=strict)
     return LoadReport(list(result.missing_keys), list(result.unexpected_keys), resized, dropped, kept)
+
+
+# --------------------------------------------------------------------------------------
+# Official checkpoints of the Default models, in their original code bases' layouts
+# --------------------------------------------------------------------------------------
+#: layout -> the code base whose parameter names the checkpoint uses.
+OFFICIAL_LAYOUTS: dict[str, str] = {
+    "deit": "facebookresearch/deit (timm's VisionTransformer names; {'model': state_dict})",
+    "t2t": "yitu-opensource/T2T-ViT models/t2t_vit.py (tokens_to_token.*; {'state_dict': state_dict})",
+    "ceit": "coeusguo/ceit ceit_model.py (i2t.backbone.*, blocks.N.leff.*, lca.feedforward.*; {'model': ...})",
+    "swin": "microsoft/Swin-Transformer models/swin_transformer.py (downsample at the end of a stage, head.*, "
+            "relative_position_index / attn_mask buffers; {'model': ...})",
+}
+
+#: CeiT's original names -> ours (the only differences; everything else is named alike).
+CEIT_RENAMES = ((r"^i2t\.backbone\.(conv|bn)\.", r"i2t.\1."),
+                (r"^blocks\.(\d+)\.leff\.", r"blocks.\1.mlp."),
+                (r"^lca\.feedforward\.", r"lca.mlp."))
+
+
+class OfficialLoadReport(NamedTuple):
+    layout: str                  # a key of OFFICIAL_LAYOUTS
+    renamed: int                 # checkpoint keys whose name changed
+    dropped: list[str]           # checkpoint entries not loaded on purpose (recomputed buffers)
+    filled: dict[str, str]       # model keys the checkpoint lacks, set on purpose, and why
+    unstored: dict[str, float]   # settings the outputs depend on that no checkpoint stores (T2T's qk scale)
+
+
+def official_layout(model: nn.Module) -> str:
+    """The original code base whose checkpoints ``model`` (a Default mpvg model) takes."""
+    from .ceit import CeiT
+    from .swin import SwinTransformerPE
+    from .vit import MPVGVisionTransformer
+
+    if isinstance(model, SwinTransformerPE):
+        return "swin"
+    if isinstance(model, CeiT):
+        return "ceit"
+    if isinstance(model, MPVGVisionTransformer):
+        if model.tokenizer_type == "patch" and model.block_type == "pre":
+            return "deit"
+        if model.tokenizer_type == "t2t":
+            return "t2t"
+    raise ValueError(f"no official checkpoint layout for {type(model).__name__} "
+                     f"(tokenizer={getattr(model, 'tokenizer_type', None)!r}); expected DeiT, T2T-ViT, CeiT or Swin")
+
+
+def _check_default(model: nn.Module, layout: str) -> None:
+    from .pe import pe_config
+
+    expected = pe_config("default", default_pool="avg" if layout == "swin" else "token")
+    if getattr(model, "pe_cfg", None) != expected:
+        raise ValueError(f"official {layout} checkpoints are Default models (no layer-wise PE); this model has "
+                         f"{getattr(model, 'pe_cfg', None)}; expected pe_method='default' without pe_overrides")
+
+
+def convert_official_state_dict(model: nn.Module, checkpoint: Mapping) -> tuple[dict, OfficialLoadReport]:
+    """The state dict of an official checkpoint, renamed to ``model``'s names (see
+    :data:`OFFICIAL_LAYOUTS`), and what was changed on the way."""
+    import re
+
+    layout = official_layout(model)
+    _check_default(model, layout)
+    sd = unwrap_state_dict(checkpoint)
+    dropped: list[str] = []
+    filled: dict[str, str] = {}
+    renamed = 0
+    if layout == "deit":
+        extra = [k for k in ("dist_token", "head_dist.weight") if k in sd]
+        if extra:
+            raise ValueError(f"a distilled DeiT checkpoint ({', '.join(extra)}): the paper's DeiT is the "
+                             "non-distilled model; expected deit_*_patch16_224 without 'distilled'")
+    elif layout == "t2t":
+        out = {}
+        for k, v in sd.items():
+            new = "patch_embed." + k[len("tokens_to_token."):] if k.startswith("tokens_to_token.") else k
+            renamed += new != k
+            out[new] = v
+        sd = out
+    elif layout == "ceit":
+        out = {}
+        for k, v in sd.items():
+            new = k
+            for pattern, repl in CEIT_RENAMES:
+                new = re.sub(pattern, repl, new)
+            renamed += new != k
+            out[new] = v
+        sd = out
+    elif layout == "swin":
+        from timm.models.swin_transformer import checkpoint_filter_fn
+
+        own = model.state_dict()
+        resampled = sorted(k for k, v in sd.items() if (k.endswith("relative_position_bias_table")
+                                                         or k == "patch_embed.proj.weight")
+                           and k in own and tuple(v.shape) != tuple(own[k].shape))
+        if resampled:
+            raise ValueError(f"{resampled[0]}: checkpoint shape {tuple(sd[resampled[0]].shape)}, model "
+                             f"{tuple(own[resampled[0]].shape)}; an official checkpoint loads only into the model it "
+                             "was trained as (same patch and window size), nothing is resampled")
+        dropped = sorted(k for k in sd if "relative_position_index" in k or k.endswith("attn_mask"))
+        if "layers.0.downsample.reduction.weight" in sd:  # the original layout, not timm's
+            renamed = sum(1 for k in sd if ".downsample." in k or k.startswith("head."))
+        sd = checkpoint_filter_fn(sd, model)  # timm's map of the original layout (downsample index, head.fc)
+        if "absolute_pos_embed" not in sd:
+            sd["absolute_pos_embed"] = torch.zeros_like(model.absolute_pos_embed)
+            filled["absolute_pos_embed"] = ("zeros: the checkpoint was trained without the absolute PE (the "
+                                            "original code's ape=False), which the paper's Default adds")
+    unstored = {"qk_scale": float(model.blocks[0].attn.scale)} if layout == "t2t" else {}
+    return sd, OfficialLoadReport(layout, renamed, dropped, filled, unstored)
+
+
+def load_official_weights(model: nn.Module, checkpoint: Mapping) -> OfficialLoadReport:
+    """Load an official checkpoint into a Default mpvg model, strictly (every key, every
+    shape).  Raises ``ValueError`` naming the layout and the keys that do not fit."""
+    sd, report = convert_official_state_dict(model, checkpoint)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(sd) & set(own)
+                    if tuple(sd[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        raise ValueError(f"not a {OFFICIAL_LAYOUTS[report.layout]} checkpoint of this model: "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected "
+                         f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, shapes (checkpoint vs model) "
+                         f"{shapes[:8]}")
+    model.load_state_dict(sd, strict=True)
+    return report

@@ -10,6 +10,11 @@ A model supports folding when it has ``pe`` (with ``last_norm``), a linear class
 (timm's ``get_classifier()``: ``head`` for the ViT family and CeiT, ``head.fc`` for Swin),
 ``pool(x)`` (the pooling of ``forward_head`` on ``(B, N, D)`` tokens) and ``last_ln_pe_term()``
 (the ``(1, N, D)`` Last-LN PE at the build resolution), as every model of the package does.
+
+Folding refuses, and says why, a model whose head does not pool (``global_pool=''``: a
+per-position head sees a different PE row at each position, which no single bias holds) and a
+model that is already folded.  The folded copy refuses ``reset_classifier`` and
+``prune_intermediate_layers``: a new or pruned head would lose the absorbed term.
 """
 from __future__ import annotations
 
@@ -39,11 +44,17 @@ def fold_last_ln_pe(model: nn.Module) -> nn.Module:
     of the copy no longer include the PE term.  ``copy.pe_cfg`` still describes the trained
     method; ``copy.last_ln_pe_folded`` is ``True``.
     """
+    if getattr(model, "last_ln_pe_folded", False):
+        raise ValueError("the model is already folded (fold_last_ln_pe): its head bias holds the Last-LN PE term")
     if getattr(getattr(model, "pe", None), "last_norm", None) is None:
         raise ValueError("the model has no Last-LN PE (pe_cfg.last_ln_pe is None): nothing to fold")
     if not can_fold(model):
         raise TypeError(f"{type(model).__name__} does not support folding (needs a linear head, "
                         "pool() and last_ln_pe_term())")
+    if model.pool(model.last_ln_pe_term()).ndim != 2:  # (1, D) when the head pools
+        raise ValueError(f"the head does not pool (global_pool={getattr(model, 'global_pool', None)!r}): it sees "
+                         "LN'_last(pos_k) per position, which no single head bias can hold; fold a model whose "
+                         "head pools (global_pool 'avg' or 'token')")
     folded = copy.deepcopy(model).eval()
     term = folded.last_ln_pe_term()  # (1, N[+1], D)
     head = _classifier(folded)

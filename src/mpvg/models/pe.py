@@ -20,6 +20,8 @@ when the layer receives no PE).
 * MPVG (Eq. 11): PVG and ``y = LN(x_{L+1}) + LN'_last(pos_k)`` with ``k = 0``.
 
 Ablation knobs (Tables 5-6, Figures 1 and 5) are the other fields of :class:`PEConfig`.
+``last_ln_pe_detach`` is not in the paper: it is the control of the mechanism (MPVG with
+``LN'_last(sg(pos_0))``, docs/models.md).
 """
 from __future__ import annotations
 
@@ -53,6 +55,13 @@ class PEConfig:
             the PE never shares an LN's affine parameters with the tokens); PVG/MPVG: no
             (they add the PE to the tokens and let it share the token path).  See
             docs/models-ceit-swin.md.
+        last_ln_pe_detach: the control of the mechanism (docs/models.md, "The control"):
+            ``LN'_last`` gets a stop-gradient copy of its input, ``LN'_last(sg(pos_k))``.
+            Values are unchanged and ``LN'_last`` is still learned, so the term is still a
+            learnable bias of the pooled features; only the gradient that MPVG sends from the
+            Last LN back into ``pos_k`` (and so into ``pos_0`` and every layer's PE) is cut.
+            For Swin the input is the PE carried to the last stage through the patch mergings,
+            so the mergings get no gradient from this path either.  Needs ``last_ln_pe``.
     """
 
     pool: str = "token"
@@ -62,12 +71,16 @@ class PEConfig:
     add_at_input: bool = True
     last_ln_pe: Optional[int] = None
     independent_merge_ln: bool = False
+    last_ln_pe_detach: bool = False
 
     def __post_init__(self):
         if self.pool not in ("token", "avg"):
             raise ValueError(f"PEConfig.pool must be 'token' or 'avg', got {self.pool!r}")
         if self.last_ln_pe is not None and self.last_ln_pe < 0:
             raise ValueError(f"PEConfig.last_ln_pe must be None or >= 0, got {self.last_ln_pe!r}")
+        if self.last_ln_pe_detach and self.last_ln_pe is None:
+            raise ValueError("PEConfig.last_ln_pe_detach=True needs a Last-LN PE (last_ln_pe is None): "
+                             "there is no LN'_last input to detach")
 
     def replace(self, **overrides) -> "PEConfig":
         known = {f.name for f in fields(self)}
@@ -144,5 +157,26 @@ class LayerwisePE(nn.Module):
             k = self.cfg.last_ln_pe
             if k >= len(chain):
                 raise ValueError(f"last_ln_pe={k} but the PE chain has only {len(chain)} entries")
-            last = self.last_norm(chain[k])
+            src = chain[k]
+            last = self.last_norm(src.detach() if self.cfg.last_ln_pe_detach else src)
         return terms, last
+
+    def truncate(self, depth: int, keep_last: bool) -> None:
+        """Keep the LN' of the first ``depth`` layers (a model pruned to its first ``depth``
+        blocks, timm's ``prune_intermediate_layers``); drop ``LN'_last`` unless ``keep_last``.
+
+        A kept ``LN'_last`` still needs ``pos_k``: the LN' that produce the chain up to ``pos_k``
+        stay even past ``depth`` (their per-layer terms are then unused by any block).
+        """
+        if not 0 < depth <= self.depth:
+            raise ValueError(f"truncate to {depth} layers; expected 1 to {self.depth}")
+        if not keep_last:
+            self.last_norm = None
+        needed = depth
+        k = self.cfg.last_ln_pe
+        if self.last_norm is not None and k:
+            applied = [l for l, r in enumerate(self.receives) if r]
+            needed = max(depth, applied[k - 1] + 1)
+        self.norms = nn.ModuleList(list(self.norms)[:needed])
+        self.receives = self.receives[:needed]
+        self.depth = needed

@@ -31,11 +31,13 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
-from .ceit import _no_pretrained
+from . import contract
 from .pe import LayerwisePE, PEConfig, pe_config
 
 __all__ = ["concat_2x2", "PESwinBlock", "StagewisePE", "SwinTransformerPE", "mpvg_swin_tiny_patch4_window7_224"]
@@ -81,7 +83,8 @@ class StagewisePE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.stages = nn.ModuleList(
-            LayerwisePE(cfg.replace(last_ln_pe=None, include_layer0=cfg.include_layer0 or s > 0), d, dim, norm_layer)
+            LayerwisePE(cfg.replace(last_ln_pe=None, last_ln_pe_detach=False,
+                                    include_layer0=cfg.include_layer0 or s > 0), d, dim, norm_layer)
             for s, (d, dim) in enumerate(zip(depths, dims)))
         self.receives = [r for st in self.stages for r in st.receives]
         self.last_norm = norm_layer(dims[-1]) if cfg.last_ln_pe is not None else None
@@ -127,8 +130,20 @@ class StagewisePE(nn.Module):
             p, s = chain[self.cfg.last_ln_pe]
             for t in range(s + 1, len(self.stages)):
                 p = self.merge(t, p, merges)
-            last = self.last_norm(p)
+            last = self.last_norm(p.detach() if self.cfg.last_ln_pe_detach else p)
         return terms, last
+
+    def truncate(self, n_stages: int, keep_last: bool) -> None:
+        """Keep the first ``n_stages`` stages' LN' (a model pruned to them); drop ``LN'_last``
+        unless ``keep_last`` (it lives at the last stage, so pruning stages drops it)."""
+        if not 0 < n_stages <= len(self.stages):
+            raise ValueError(f"truncate to {n_stages} stages; expected 1 to {len(self.stages)}")
+        if n_stages < len(self.stages) or not keep_last:
+            self.last_norm = None
+        self.stages = self.stages[:n_stages]
+        if self.merge_norms is not None:
+            self.merge_norms = self.merge_norms[:n_stages - 1]
+        self.receives = [r for st in self.stages for r in st.receives]
 
 
 class SwinTransformerPE(SwinTransformer):
@@ -150,8 +165,7 @@ class SwinTransformerPE(SwinTransformer):
         if cfg.pool != "avg":
             raise ValueError(f"Swin has no class token: PE method {pe_method!r} with pool={cfg.pool!r}; "
                              f"expected pool='avg'")
-        if kwargs.get("global_pool", "avg") != "avg":
-            raise ValueError(f"global_pool={kwargs['global_pool']!r}: the PE methods assume GAP; expected 'avg'")
+        contract.check_pool(kwargs.get("global_pool"), False, type(self).__name__)
         super().__init__(**kwargs)
         self.pe_cfg = cfg
         for stage in self.layers:
@@ -170,6 +184,12 @@ class SwinTransformerPE(SwinTransformer):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"absolute_pos_embed"}
 
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's Swin head reset; ``global_pool`` ``''`` (per-position head) or ``'avg'`` (GAP)."""
+        contract.check_not_folded(self, "reset_classifier")
+        contract.check_pool(global_pool, False, type(self).__name__)
+        super().reset_classifier(num_classes, global_pool)
+
     def set_input_size(self, *args, **kwargs):
         raise NotImplementedError("SwinTransformerPE keeps a fixed grid for its absolute PE; build a new model "
                                   "with img_size=... and load with mpvg.models.checkpoint.load_checkpoint_into")
@@ -181,13 +201,18 @@ class SwinTransformerPE(SwinTransformer):
     def _pe_terms(self):
         return self.pe(self._pos0(), [stage.downsample for stage in self.layers])
 
-    def _run(self, x: torch.Tensor, record: Optional[dict] = None, stage_out: Optional[list] = None):
+    def _run(self, x: torch.Tensor, record: Optional[dict] = None, stage_out: Optional[list] = None,
+             stop: Optional[int] = None):
+        """Stages (up to ``stop``) with the PE terms; the Last LN (+ ``LN'_last(pos_k)``) after the
+        last stage only (it is sized for it)."""
         x = self.patch_embed(x)
         terms, last = self._pe_terms()  # once per forward, on (1, H, W, C) tensors
         if self.pe_cfg.add_at_input:
             x = x + self._pos0()
         i = 0
         for s, stage in enumerate(self.layers):
+            if stop is not None and s > stop:
+                return x
             x = stage.downsample(x)
             for blk in stage.blocks:
                 pos = terms[i]
@@ -216,20 +241,34 @@ class SwinTransformerPE(SwinTransformer):
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
-        """timm's ``forward_intermediates`` (per-stage NCHW maps) through the PE path; every stage
-        runs (``stop_early`` is accepted for timm's signature and has no effect)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW'")
+        """timm's Swin ``forward_intermediates`` (per-stage NCHW maps) through the PE path: each
+        block gets its term as in ``forward``.  ``norm`` applies the Last LN stage (with MPVG's
+        ``LN'_last(pos_k)``) to the last stage's map, the only one it is sized for.  The final
+        output equals ``forward_features(x)`` unless ``stop_early`` ends the run early."""
+        contract.check_output_fmt(output_fmt, ("NCHW",))
+        take, max_index = feature_take_indices(len(self.layers), indices)
         n = len(self.layers)
-        take = range(n - indices, n) if isinstance(indices, int) else (range(n) if indices is None else indices)
         stages: list = []
-        final = self._run(x, stage_out=stages)
-        inter = [(self.norm(stages[i]) if norm and i == n - 1 else stages[i]).permute(0, 3, 1, 2) for i in take]
+        final = self._run(x, stage_out=stages, stop=max_index if stop_early else None)
+        if norm and n - 1 in take:
+            stages[n - 1] = final  # the last stage through the Last LN stage: what forward_features returns
+        inter = [stages[i].permute(0, 3, 1, 2).contiguous() for i in take]
         return inter if intermediates_only else (final, inter)
 
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's Swin pruning, and the stage-wise PE pruned with the stages (``LN'_last`` goes with
+        the Last LN, which timm drops when it prunes the norm or the last stage)."""
+        contract.check_not_folded(self, "prune_intermediate_layers")
+        n_before = len(self.layers)
+        take = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        n = len(self.layers)
+        self.pe.truncate(n, keep_last=not prune_norm and n == n_before)
+        return take
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """GAP of ``(B, N, C)`` tokens (what the head does to the NHWC features)."""
-        return x.mean(dim=1)
+        """What the head does to ``(B, N, C)`` tokens: GAP (``global_pool='avg'``) or nothing (``''``)."""
+        return x.mean(dim=1) if self.global_pool == "avg" else x
 
     def last_ln_pe_term(self) -> Optional[torch.Tensor]:
         """``LN'_last(pos_k)`` at the last stage, ``(1, N, C)``, or ``None``; its ``pool`` is what
@@ -251,10 +290,20 @@ class SwinTransformerPE(SwinTransformer):
         return record
 
 
+#: microsoft/Swin-Transformer evaluates with data/build.py (TEST.CROP: resize 256/224 x 224
+#: bicubic, centre crop 224, ImageNet mean/std); the absolute PE fixes the input size.
+default_cfgs = generate_default_cfgs({
+    "mpvg_swin_tiny_patch4_window7_224": dict(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",
+        fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed.proj", classifier="head.fc", license="mit"),
+})
+
+
 @register_model
-def mpvg_swin_tiny_patch4_window7_224(pretrained: bool = False, pe_method: str | PEConfig = "default",
-                                      pe_overrides: Optional[dict] = None, **kwargs) -> SwinTransformerPE:
+def mpvg_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs) -> SwinTransformerPE:
     """Swin-T: patch 4, embed 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24), window 7, GAP."""
-    _no_pretrained("mpvg_swin_tiny_patch4_window7_224", pretrained, kwargs)
     args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
-    return SwinTransformerPE(pe_method=pe_method, pe_overrides=pe_overrides, **{**args, **kwargs})
+    stages = len(kwargs.get("depths", args["depths"]))
+    return contract.build(SwinTransformerPE, "mpvg_swin_tiny_patch4_window7_224", pretrained, args, kwargs,
+                          default_out_indices=tuple(range(stages)))

@@ -37,13 +37,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
-from .blocks import PEBlock
+from . import contract
+from .blocks import PEBlock, set_qk_scale
 from .pe import LayerwisePE, PEConfig, pe_config
 
 __all__ = [
@@ -210,7 +211,7 @@ class ViTLiteBlock(PEBlock):
 # --------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------
-class MPVGVisionTransformer(nn.Module):
+class MPVGVisionTransformer(contract.TokenModel, nn.Module):
     """ViT with the PE methods of the paper.  See the module docstring.
 
     Args:
@@ -230,6 +231,14 @@ class MPVGVisionTransformer(nn.Module):
         token_dim, t2t_kernel_ratio, t2t_drop: T2T module (Performer) settings.
         drop_rate: dropout before the head; pos_drop_rate: after adding the PE at the input;
         proj_drop_rate: attention projection and MLP dropout; attn_drop_rate; drop_path_rate.
+        global_pool: the head's readout, as timm's ViT: ``None`` (the PE method's: class token
+            for Default/LaPE, GAP for PVG/MPVG), ``'avg'`` (mean of the patch tokens),
+            ``'token'`` (the class token; only where the method keeps one) or ``''`` (no
+            pooling: ``forward`` returns per-token outputs).  The class token itself is part of
+            the PE method (``pe_overrides={'pool': ...}``), not of the readout.
+        qk_scale: attention logit scale; ``None`` is timm's ``head_dim ** -0.5``.  The original
+            T2T-ViT code takes it as an argument (see docs/models.md for what its released
+            weights need).
     """
 
     def __init__(
@@ -259,12 +268,11 @@ class MPVGVisionTransformer(nn.Module):
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             global_pool: Optional[str] = None,
+            qk_scale: Optional[float] = None,
     ):
         super().__init__()
         cfg = pe_config(pe_method, default_pool="token", **(pe_overrides or {}))
-        if global_pool not in (None, "", cfg.pool):
-            raise ValueError(f"global_pool={global_pool!r} conflicts with the PE method's pool {cfg.pool!r}; "
-                             "set pe_overrides={'pool': ...} instead")
+        contract.check_pool(global_pool, cfg.pool == "token", type(self).__name__)
         if tokenizer not in ("patch", "t2t", "conv"):
             raise ValueError(f"tokenizer must be 'patch', 't2t' or 'conv', got {tokenizer!r}")
         if block not in ("pre", "vit_lite"):
@@ -276,7 +284,8 @@ class MPVGVisionTransformer(nn.Module):
         self.pe_cfg = cfg
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = cfg.pool
+        self.global_pool = cfg.pool if global_pool is None else global_pool
+        self.qk_scale = qk_scale
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.has_class_token = cfg.pool == "token"
         self.num_prefix_tokens = 1 if self.has_class_token else 0
@@ -294,6 +303,9 @@ class MPVGVisionTransformer(nn.Module):
                                           output_fmt="NHWC", strict_img_size=False)
         self.grid_size = tuple(self.patch_embed.grid_size)
         num_patches = self.grid_size[0] * self.grid_size[1]
+        # input pixels per token side: patch size, or the T2T soft splits' strides (4 * 2 * 2)
+        reduction = math.prod(self.patch_embed._ksp[1]) if tokenizer == "t2t" else \
+            int(self.patch_embed.patch_size[0])
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.has_class_token else None
         embed_len = num_patches + self.num_prefix_tokens
@@ -309,6 +321,11 @@ class MPVGVisionTransformer(nn.Module):
                       proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
                       norm_layer=norm_layer, act_layer=nn.GELU, mlp_layer=Mlp)
             for i in range(depth)])
+        if qk_scale is not None:
+            for blk in self.blocks:
+                set_qk_scale(blk, qk_scale)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction)
+                             for i in range(depth)]
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -349,17 +366,14 @@ class MPVGVisionTransformer(nn.Module):
         return dict(stem=r"^cls_token|pos_embed|patch_embed|pe\.",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool not in (None, "", self.global_pool):
-            raise ValueError("the pooling is part of the PE method; build a new model to change it")
+        """A new head (``num_classes=0``: none) and, if given, a new readout, as timm's ViT:
+        ``''`` stops pooling (``forward`` returns per-token outputs), ``'avg'`` / ``'token'``
+        pool (``'token'`` only with a class token)."""
+        contract.check_not_folded(self, "reset_classifier")
+        contract.check_pool(global_pool, self.has_class_token, type(self).__name__)
+        if global_pool is not None:
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -387,8 +401,8 @@ class MPVGVisionTransformer(nn.Module):
         return last
 
     # ------------------------------------------------------------------ forward
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens with the class token and (if ``add_at_input``) ``pos_0``; and ``pos_0``."""
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Tokens with the class token and (if ``add_at_input``) ``pos_0``; ``pos_0``; the token grid."""
         x = self.patch_embed(x)  # (B, h, w, D)
         B, h, w, D = x.shape
         x = x.reshape(B, h * w, D)
@@ -402,26 +416,75 @@ class MPVGVisionTransformer(nn.Module):
             x = x.contiguous()
         if self.pe_cfg.add_at_input:
             x = x + pos
-        return self.pos_drop(x), pos
+        return self.pos_drop(x), pos, (h, w)
+
+    def _last_ln(self, x: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
+        """The Last LN stage: ``LN(x)`` (+ ``LN'_last(pos_k)``, Eq. 11)."""
+        x = self.norm(x)
+        return x if last is None else x + last
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``LN(x_{L+1}) (+ LN'_last(pos_k))`` for every token, ``(B, N[+1], D)``."""
-        x, pos = self._embed(x)
+        x, pos, _ = self._embed(x)
         terms, last = self.pe(pos)  # once per forward, on (1, N, D)
         for blk, term in zip(self.blocks, terms):
-            if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, term, use_reentrant=False)
-            else:
-                x = blk(x, pos=term)
-        x = self.norm(x)
-        if last is not None:
-            x = x + last
-        return x
+            x = self._block(blk, x, term)
+        return self._last_ln(x, last)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[int | list[int]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+    ):
+        """timm's ViT ``forward_intermediates`` through the PE path: block outputs (the block
+        ``l`` gets its term ``P_l`` as in ``forward``), patch tokens as ``NCHW`` maps or ``NLC``.
+
+        ``indices``: last n blocks (int), all (``None``) or these (list).  ``norm`` sends each
+        intermediate through the Last LN stage (with MPVG's ``LN'_last(pos_k)``).  The final
+        output equals ``forward_features(x)`` (unless ``stop_early`` ends the run early).
+        """
+        contract.check_output_fmt(output_fmt)
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x, pos, grid = self._embed(x)
+        terms, last = self.pe(pos)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        inter = []
+        for i, (blk, term) in enumerate(zip(blocks, terms)):
+            x = self._block(blk, x, term)
+            if i in take:
+                inter.append(self._last_ln(x, last) if norm else x)
+        final = None if intermediates_only else self._last_ln(x, last)
+        return self._intermediates_out(inter, grid, output_fmt, final, return_prefix_tokens, intermediates_only,
+                                       output_dict)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Keep the blocks up to the last of ``indices`` and their LN' (timm's ViT contract);
+        ``prune_norm`` drops the Last LN and its PE term, ``prune_head`` the head and pooling."""
+        contract.check_not_folded(self, "prune_intermediate_layers")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        self.pe.truncate(max_index + 1, keep_last=not prune_norm)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's readout of ``(B, N, D)`` tokens (``global_pool``; ``''`` leaves them)."""
         if self.global_pool == "avg":
             return x[:, self.num_prefix_tokens:].mean(dim=1)
-        return x[:, 0]
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.pool(x))
@@ -433,7 +496,7 @@ class MPVGVisionTransformer(nn.Module):
     @torch.no_grad()
     def forward_analysis(self, x: torch.Tensor) -> dict:
         """Per-layer tensors for the analysis figures (docs/contracts.md)."""
-        x, pos = self._embed(x)
+        x, pos, _ = self._embed(x)
         terms, last = self.pe(pos)
         inputs, tokens = [], []
         for blk, term in zip(self.blocks, terms):
@@ -456,8 +519,9 @@ class MPVGVisionTransformer(nn.Module):
 # timm registration
 # --------------------------------------------------------------------------------------
 def _cfg(**kwargs) -> dict:
+    """A pretrained cfg without weights: what the original code base's evaluation uses."""
     cfg = {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
@@ -466,35 +530,26 @@ def _cfg(**kwargs) -> dict:
     return cfg
 
 
-_DEFAULT_CFGS = {
+#: Registered with timm by ``register_model`` (``timm.get_pretrained_cfg(name)``); the
+#: instance's ``pretrained_cfg`` holds the built input size and class count on top.
+#: DeiT: facebookresearch/deit datasets.py (resize 256 bicubic, centre crop 224, ImageNet
+#: mean/std).  T2T-ViT: yitu-opensource/T2T-ViT models/t2t_vit.py ``_cfg`` (crop 0.9, bicubic);
+#: its first layer is the Performer over unfolded 7x7 patches, no conv: ``first_conv=None``
+#: (timm: no input-stem adaptation).  ViT-Lite: Compact-Transformers' CIFAR-100 (32x32, no
+#: resize or crop at evaluation, its dataset mean/std).
+default_cfgs = generate_default_cfgs({
     "mpvg_deit_tiny_patch16_224": _cfg(),
     "mpvg_deit_small_patch16_224": _cfg(),
     "mpvg_deit_base_patch16_224": _cfg(),
     "mpvg_t2t_vit_7": _cfg(crop_pct=0.9, first_conv=None),
     "mpvg_vit_lite_7_4": _cfg(num_classes=100, input_size=(3, 32, 32), crop_pct=1.0,
                               mean=CIFAR100_MEAN, std=CIFAR100_STD),
-}
-
-_TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only",
-                        "scriptable", "exportable", "no_jit")
+})
 
 
 def _create(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> MPVGVisionTransformer:
-    if pretrained:
-        raise ValueError(f"{variant}: no pretrained weights are published; train it "
-                         "(mpvg train) and load with mpvg.models.checkpoint.load_checkpoint_into")
-    for key in _TIMM_FACTORY_KWARGS:
-        kwargs.pop(key, None)
-    args = dict(model_args)
-    args.update(kwargs)
-    model = MPVGVisionTransformer(**args)
-    cfg = dict(_DEFAULT_CFGS[variant])
-    cfg["architecture"] = variant
-    cfg["num_classes"] = model.num_classes
-    img = model.patch_embed.img_size
-    cfg["input_size"] = (model.in_chans, int(img[0]), int(img[1]))
-    model.pretrained_cfg = model.default_cfg = cfg
-    return model
+    return contract.build(MPVGVisionTransformer, variant, pretrained, model_args, kwargs,
+                          default_img_size=model_args.get("img_size", 224), default_out_indices=3)
 
 
 _DEIT = dict(patch_size=16, mlp_ratio=4.0, qkv_bias=True, tokenizer="patch", block="pre",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+TABLE_KEYS = ("T1", "T2", "T3", "T4", "T5", "T6", "F1", "F5")
+
 
 def register(subparsers) -> None:
     from mpvg.config import add_params_arguments
@@ -14,6 +16,8 @@ def register(subparsers) -> None:
     add_params_arguments(p)
     p.add_argument("--runs", default=None, metavar="DIR", help="runs folder (default: paths.runs of params)")
     p.add_argument("--out", default=None, metavar="DIR", help="report folder (default: paths.reports of params)")
+    p.add_argument("--only", action="append", default=None, metavar="TABLE", choices=TABLE_KEYS,
+                   help="rewrite only this table's files (T1..T6, F1, F5; repeatable), e.g. for `snakemake table2`")
     p.set_defaults(func=run_report)
 
 
@@ -24,9 +28,12 @@ def run_report(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     runs = args.runs or params["paths"]["runs"]
     out = args.out or params["paths"]["reports"]
-    written = build_reports(params, expand_cells(params), runs, out, params_path=args.params)
-    from mpvg.tracking import log_report
+    written = build_reports(params, expand_cells(params), runs, out, params_path=args.params, only=args.only)
+    if args.only:
+        print(f"mpvg report: wrote {', '.join(str(p) for p in written)}")
+    else:
+        from mpvg.tracking import log_report
 
-    log_report(params, {}, written)  # the tables as artifacts of one MLflow run (a failing store: a warning)
-    print(f"mpvg report: wrote {len(written)} files to {out} (index: {out}/README.md)")
+        log_report(params, {}, written)  # the tables as artifacts of one MLflow run (a failing store: a warning)
+        print(f"mpvg report: wrote {len(written)} files to {out} (index: {out}/README.md)")
     return 0

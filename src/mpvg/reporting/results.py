@@ -108,3 +108,40 @@ def compute_totals(results: dict[str, list[dict]]) -> dict:
         vals = [float(r[key]) for r in rs if r.get(key) is not None]
         out[key] = math.fsum(vals) if vals else None
     return out
+
+
+def split_current(params: dict, results: dict[str, list[dict]], runs_dir: Path | str
+                  ) -> tuple[dict[str, list[dict]], dict[str, list[int]], list[str]]:
+    """Keep only results that follow from the current params: ``(current, stale, left_out)``.
+
+    A result is current when its run signature is the one the current params give (the workflow's
+    rerun rule, mpvg.workflow.state); ``stale`` maps a cell to the seeds whose result was made with
+    other settings (shown as ``stale``, never as a number); ``left_out`` lists results of seeds
+    params.yaml does not run."""
+    from mpvg.workflow.state import plan_states
+
+    jobs, states = plan_states(params, runs_dir)
+    by_run = {(j.cell, j.seed): states[(j.rule, j.key)] for j in jobs if j.cell}
+    current: dict[str, list[dict]] = {}
+    stale: dict[str, list[int]] = {}
+    left_out: list[str] = []
+    for cid, rs in results.items():
+        for r in rs:
+            st = by_run.get((cid, int(r["seed"])))
+            if st is None:
+                left_out.append(r["_path"])
+            elif st.current and r.get("signature") == st.recorded:
+                current.setdefault(cid, []).append(r)
+            else:
+                stale.setdefault(cid, []).append(int(r["seed"]))
+    return current, stale, sorted(left_out)
+
+
+def commits_of(results: dict[str, list[dict]]) -> dict[str, int]:
+    """``{git commit: number of results}`` of the results shown (what produced the numbers)."""
+    out: dict[str, int] = {}
+    for rs in results.values():
+        for r in rs:
+            key = str(r.get("git_commit") or "unknown")
+            out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -19,6 +19,7 @@ from mpvg.reporting.render import Entry, Table
 from mpvg.reporting.results import Aggregate, aggregate, compute_totals, metric_value
 
 PENDING = "pending"
+STALE = "stale"
 NOT_CONFIGURED = "not configured"
 MISSING = "—"
 
@@ -200,8 +201,11 @@ def _params_notes(spec: TableSpec, rows: list[PaperRow], matches: dict, cells: d
 
 
 def build_table(spec: TableSpec, paper_rows: list[PaperRow], cells: dict, params: dict,
-                results: dict[str, list[dict]], matches: Optional[dict] = None) -> Table:
-    """One paper table with the paper's numbers and ours beside them."""
+                results: dict[str, list[dict]], matches: Optional[dict] = None,
+                stale: Optional[dict[str, list[int]]] = None) -> Table:
+    """One paper table with the paper's numbers and ours beside them. ``stale``: cells whose
+    results were made with other settings than params.yaml gives now (shown as 'stale')."""
+    stale = stale or {}
     rows = [r for r in paper_rows if r.table == spec.key]
     matches = matches if matches is not None else match_cells(rows, cells, params)
     used = {matches.get(r.key) for r in rows}
@@ -234,7 +238,8 @@ def build_table(spec: TableSpec, paper_rows: list[PaperRow], cells: dict, params
     for r in rows:
         cid = matches.get(r.key)
         rs = results.get(cid, []) if cid else []
-        status.append(NOT_CONFIGURED if cid is None else (PENDING if not rs else ""))
+        status.append(NOT_CONFIGURED if cid is None else
+                      ("" if rs else (STALE if stale.get(cid) else PENDING)))
         aggs.append({m.key: aggregate([metric_value(x, m.key) for x in rs]) for m in run_metrics})
         if cid is not None and PARAMS in spec.metrics and cid not in counts:
             counts[cid] = full_size_params(spec.key, cells[cid])
@@ -290,11 +295,18 @@ def build_table(spec: TableSpec, paper_rows: list[PaperRow], cells: dict, params
                      f"highest value {'per model ' if spec.group else ''}in a column, paper and ours "
                      "separately, when at least two values are given (ties and lone values are not bold). "
                      f"'{PENDING}': the cell is configured but has no finished run; "
+                     f"'{STALE}': its runs were made with other settings than params.yaml gives now "
+                     "(rerun them: `snakemake` does); "
                      f"'{MISSING}': no value.")
     notes = {f"{r.label}: paper value from {src}" for r in rows for src in r.sources.values()
              if "inferred" in src or "image" in src}
     if PARAMS in spec.metrics:
         notes.update(_params_notes(spec, rows, matches, cells, counts, results, scale))
+    for r in rows:
+        cid = matches.get(r.key)
+        if cid and stale.get(cid) and results.get(cid):
+            notes.add(f"{r.label}: seed(s) {', '.join(map(str, sorted(stale[cid])))} stale (made with other "
+                      "settings), left out of the mean")
     table.notes = sorted(notes)
     return table
 
@@ -329,8 +341,9 @@ def build_cost_table(cells: dict, results: dict[str, list[dict]], params: dict) 
     return t
 
 
-def build_all(paper_rows: list[PaperRow], cells: dict, params: dict, results: dict[str, list[dict]]) -> list[Table]:
+def build_all(paper_rows: list[PaperRow], cells: dict, params: dict, results: dict[str, list[dict]],
+              stale: Optional[dict[str, list[int]]] = None) -> list[Table]:
     """Every paper table (in paper order) and the cost table last."""
     matches = match_cells(paper_rows, cells, params)
-    tables = [build_table(s, paper_rows, cells, params, results, matches) for s in TABLE_SPECS]
+    tables = [build_table(s, paper_rows, cells, params, results, matches, stale) for s in TABLE_SPECS]
     return tables + [build_cost_table(cells, results, params)]

@@ -52,7 +52,12 @@ def register(subparsers) -> None:
                               "prints JSON and writes it to --out.")
     add_params_arguments(e)
     e.add_argument("--cell", required=True, help="cell id (gives the model, dataset and eval transform)")
-    e.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt of `mpvg train`, or a state dict")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="checkpoint.pt of `mpvg train`, or a state dict")
+    src.add_argument("--weights", type=Path, metavar="FILE",
+                     help="an official checkpoint of the cell's Default model in its original code base's layout "
+                     "(DeiT, T2T-ViT-7, CeiT-Ti, Swin-T; docs/models.md); the result goes to "
+                     "<paths.runs>/calibration/<cell>/result.json unless --out, for the report's calibration table")
     e.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the metrics JSON here")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     add_device_arguments(e)
@@ -220,12 +225,17 @@ def _eval(args) -> int:
 
     try:
         spec = resolve_run(params_from_args(args), args.cell)
-        result = evaluate_checkpoint(spec, args.checkpoint, args.device, args.amp, args.ema, args.workers)
+        official = args.weights is not None
+        result = evaluate_checkpoint(spec, args.weights if official else args.checkpoint, args.device, args.amp,
+                                     args.ema, args.workers, official=official)
     except expected_errors() as err:
         return fail("eval", err)
     print(json.dumps(result, indent=2))
-    if args.out is not None:
-        write_json_atomic(args.out, result)
+    out = args.out
+    if out is None and official:
+        out = spec.runs_root / "calibration" / spec.cell.id / "result.json"  # docs/contracts.md
+    if out is not None:
+        write_json_atomic(out, result)
     return 0
 
 

@@ -157,9 +157,11 @@ def build_datasets(spec) -> tuple[Dataset, Dataset]:
     from mpvg.data.classification import build_dataset, build_transform
 
     for split in ("train", "val"):
-        check_dataset(spec.dataset, spec.dataset_root, split, spec.num_classes)
-    train = build_dataset(spec.dataset, spec.dataset_root, "train", build_transform(spec.recipe, True), spec.num_classes)
-    val = build_dataset(spec.dataset, spec.dataset_root, "val", build_transform(spec.recipe, False), spec.num_classes)
+        check_dataset(spec.dataset, spec.dataset_root, split, spec.num_classes, spec.classes)
+    train = build_dataset(spec.dataset, spec.dataset_root, "train", build_transform(spec.recipe, True), spec.num_classes,
+                          spec.classes)
+    val = build_dataset(spec.dataset, spec.dataset_root, "val", build_transform(spec.recipe, False), spec.num_classes,
+                        spec.classes)
     return train, val
 
 
@@ -547,23 +549,55 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(spec, checkpoint: str | os.PathLike, device: str = "auto", amp: str = "auto",
-                        use_ema: bool = False, num_workers: int | None = None) -> dict[str, Any]:
-    """Top-1 / top-5 / loss of a checkpoint on the cell's validation set (``mpvg eval``)."""
+                        use_ema: bool = False, num_workers: int | None = None,
+                        official: bool = False) -> dict[str, Any]:
+    """Top-1 / top-5 / loss of a checkpoint on the cell's validation set (``mpvg eval``).
+
+    ``official``: ``checkpoint`` is an official checkpoint of a Default model in its original
+    code base's layout (``mpvg eval --weights``, mpvg.models.checkpoint.load_official_weights);
+    the result then says which file (sha256), layout and conversions it took.
+    """
     from mpvg.models.checkpoint import unwrap_state_dict
 
     dist = distributed.setup(device)
     try:
+        if official and spec.cell.task != "in1k":
+            raise ValueError(f"cell {spec.cell.id}: official checkpoints are ImageNet-1K models; expected an "
+                             "in1k-<model>-default cell")
         _, val_set = build_datasets(spec)
         ckpt = load_checkpoint(checkpoint)
-        if use_ema and not ckpt.get("model_ema"):
-            raise ValueError(f"{checkpoint} holds no EMA weights (the recipe did not use model_ema)")
+        ema_keys = ("model_ema", "state_dict_ema") if official else ("model_ema",)
+        ema = next((ckpt[k] for k in ema_keys if isinstance(ckpt, Mapping) and ckpt.get(k)), None)
+        if use_ema and ema is None:
+            raise ValueError(f"{checkpoint} holds no EMA weights (none of {list(ema_keys)})")
         model = build_model(spec)
-        model.load_state_dict(unwrap_state_dict(ckpt["model_ema"] if use_ema else ckpt))
+        weights = None
+        if official:
+            from mpvg.models.checkpoint import load_official_weights
+
+            report = load_official_weights(model, ema if use_ema else ckpt)
+            weights = {"path": str(checkpoint), "sha256": _sha256(checkpoint), **report._asdict()}
+        else:
+            model.load_state_dict(unwrap_state_dict(ema if use_ema else ckpt))
         model.to(dist.device)
         workers = spec.recipe["workers"] if num_workers is None else num_workers
         loader = eval_loader(val_set, spec.recipe["batch_size"] // dist.world_size, dist, workers)
         metrics = evaluate(model, loader, dist.device, resolve_amp(amp, spec.recipe, dist.device))
-        return {"cell": spec.cell.id, "checkpoint": str(checkpoint), "ema": use_ema, "metrics": metrics,
-                "device": dist.device.type, "world_size": dist.world_size, "num_samples": len(val_set)}
+        result = {"cell": spec.cell.id, "checkpoint": str(checkpoint), "ema": use_ema, "metrics": metrics,
+                  "device": dist.device.type, "world_size": dist.world_size, "num_samples": len(val_set)}
+        if weights is not None:
+            result.update(stage="calibration", model=spec.cell.model, method=spec.cell.method, scale=spec.scale,
+                          dataset=spec.dataset, weights=weights)
+        return result
     finally:
         distributed.cleanup()
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -33,14 +33,14 @@ def register(subparsers) -> None:
     p.add_argument("--check", action="store_true", help="only compare: exit 1 when --out differs")
     p.set_defaults(func=cmd_dvc_yaml)
 
-    p = sub.add_parser(
-        "cost", help="GPU-hours per cell at the paper scale (the README's cost table)",
-        description="Print a Markdown table of GPU-hours per cell and seed at the paper scale (always "
-                    "scale=paper): images trained on / planned images/s per GPU / 3600, and the "
-                    "wall-clock hours on the job's GPUs. --by-model folds a task's cells of one model "
-                    "into one row (the README's table).")
+    p = sub.add_parser("cost", help="GPU-hours per cell at the paper (default) or budget scale (the README's cost tables)",
+                       description="Planned GPU-hours per cell and seed from the recipes; the total is for --seeds N "
+                                   "seeds (default: the params' seeds). --set scale=budget gives the budget scale "
+                                   "and its share of one paper-scale seed.")
     add_params_arguments(p)
     p.add_argument("--by-model", action="store_true", help="one row per task and model (the README's table)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="the total for N seeds of every cell (default: len(seeds) of the params)")
     p.set_defaults(func=cmd_cost)
 
     p = sub.add_parser(
@@ -117,10 +117,23 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from mpvg.workflow.cost import cost_table
+    from mpvg.workflow.cost import PLANNED_SCALES, cost_table, total_gpu_hours
 
-    args.overrides = [*args.overrides, "scale=paper"]
-    print(cost_table(_params(args), by_model=args.by_model))
+    if args.seeds is not None and args.seeds < 1:
+        print(f"mpvg: --seeds must be at least 1, got {args.seeds}", file=sys.stderr)
+        return 2
+    user = list(args.overrides)
+    args.overrides = ["scale=paper", *user]  # the paper scale unless --set scale=... says otherwise
+    params = _params(args)
+    if params["scale"] not in PLANNED_SCALES:
+        print(f"mpvg: the cost table is for the {' or '.join(PLANNED_SCALES)} scale, not {params['scale']!r}",
+              file=sys.stderr)
+        return 2
+    reference = None
+    if params["scale"] != "paper":
+        args.overrides = [*user, "scale=paper"]
+        reference = total_gpu_hours(_params(args), seeds=1)
+    print(cost_table(params, by_model=args.by_model, seeds=args.seeds, reference=reference))
     return 0
 
 

@@ -11,13 +11,12 @@ Plain Python: never imports snakemake, dvc or torch (Snakemake imports this whil
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from mpvg.config import Cell, expand_cells, resolve_run, run_dir
+from mpvg.config import Cell, dataset_classes, expand_cells, run_dir
 
 # Jobs that train a cell, by Cell.stage; the rule name and the `mpvg` sub-command.
 CELL_STAGES = ("train", "finetune", "detect", "segment")
@@ -26,8 +25,16 @@ SUBCOMMAND = {"train": ["train"], "finetune": ["train"], "detect": ["detect", "t
 INIT_FLAG = {"finetune": "--init-from", "detect": "--pretrained", "segment": "--pretrained"}
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
+SCORES = "scores.json"      # final metrics (DVC metrics)
+HISTORY = "history.json"    # per-epoch / per-evaluation rows (DVC plots)
+JOB_LOG = "job.log"         # what the job printed (Snakemake log:)
 # The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).
-REPORT_FILES = ("tables.md", "README.md")
+REPORT_FILES = ("tables.md", "README.md", "claims.md")
+# Targets a researcher asks for by name (`snakemake table2`, `dvc repro table2`): the runs of those
+# tables (and the runs they start from), then those tables re-rendered (`mpvg report --only ...`).
+TABLE_TARGETS = {"table1": ("T1",), "table2": ("T2",), "table3": ("T3",), "table4": ("T4",),
+                 "table5": ("T5",), "table6": ("T6",), "figure1": ("F1",), "figure5": ("F5",),
+                 "downstream": ("T3", "T4")}
 
 # --------------------------------------------------------------------------- sizing
 # Paper-scale sizing: GPUs per job and the training throughput they are planned with.
@@ -38,6 +45,8 @@ REPORT_FILES = ("tables.md", "README.md")
 # Adjust them here if your GPUs differ.
 GPUS = {"in1k": 4, "c100": 1, "coco": 4, "ade20k": 4}
 GPUS_BY_MODEL = {("in1k", "DeiT-B"): 8}
+# The budget scale runs every job on one GPU (docs/claims.md), at the same throughput per GPU.
+BUDGET_GPUS = 1
 IMAGES_PER_S_PER_GPU = {
     "DeiT-Ti": 2500, "DeiT-S": 1200, "DeiT-B": 450, "Swin-Ti": 650, "CeiT-Ti": 1500,
     "T2T-ViT-7": 1800, "ViT-Lite": 6000,
@@ -46,6 +55,9 @@ IMAGES_PER_S_PER_GPU = {
 }
 # Training-set sizes (images) of the real datasets.
 TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar100": 50_000, "coco": 118_287, "ade20k": 20_210}
+# A class subset of ImageNet (ImageNet-100) is planned at the most images an ImageNet-1K training
+# class holds (1300; classes hold 732-1300), so its cost is an upper bound.
+IMAGENET_MAX_PER_CLASS = 1300
 CPUS_PER_GPU = 8
 MEM_MB_PER_GPU = 48_000
 RUNTIME_SAFETY = 1.3        # evaluation, data loading stalls, restarts
@@ -56,16 +68,28 @@ MAX_RUNTIME_MIN = 48 * 60
 TINY = {"gpu": 0, "threads": 1, "cpus_per_task": 1, "mem_mb": 3000, "runtime": 30}
 
 
+def train_images(params: Mapping, dataset: str) -> int:
+    """Training images of ``dataset`` as configured: the real set, or ``classes`` x 1300 for an
+    ImageNet class subset (:data:`IMAGENET_MAX_PER_CLASS`)."""
+    classes = dataset_classes(params["datasets"][dataset])
+    if classes is not None:
+        return len(classes) * IMAGENET_MAX_PER_CLASS
+    return TRAIN_IMAGES[dataset]
+
+
 def epochs_images(params: Mapping, cell: Cell) -> int:
     """Images a job pushes through the network: epochs x training set (iterations x batch)."""
     recipe = params["recipes"][cell.recipe]
     if "iters" in recipe:
         return int(recipe["iters"]) * int(recipe["batch_size"])
     epochs = int(recipe["epochs"]) + int(recipe.get("cooldown_epochs", 0))
-    return epochs * TRAIN_IMAGES[cell.dataset]
+    return epochs * train_images(params, cell.dataset)
 
 
-def gpus_for(cell: Cell) -> int:
+def gpus_for(cell: Cell, scale: str = "paper") -> int:
+    """GPUs of a cell's job: :data:`GPUS` at the paper scale, :data:`BUDGET_GPUS` at the budget scale."""
+    if scale == "budget":
+        return BUDGET_GPUS
     return GPUS_BY_MODEL.get((cell.task, cell.model), GPUS[cell.task])
 
 
@@ -74,7 +98,8 @@ def throughput(cell: Cell) -> float:
 
 
 def paper_gpu_hours(params: Mapping, cell: Cell) -> float:
-    """Estimated GPU-hours of one seed of ``cell`` at the paper scale (no safety margin)."""
+    """Estimated GPU-hours of one seed of ``cell`` with the recipes of ``params`` (the paper or
+    the budget scale; no safety margin)."""
     return epochs_images(params, cell) / throughput(cell) / 3600.0
 
 
@@ -82,21 +107,22 @@ def cell_resources(params: Mapping, cell: Cell) -> dict:
     """Snakemake resources of one job: ``gpu``, ``threads`` (= ``cpus_per_task``, which the SLURM
     plugin reads), ``mem_mb``, ``runtime`` (minutes).
 
-    Tiny scale: CPU only, small. Paper scale: :data:`GPUS` GPUs, runtime from
-    :func:`paper_gpu_hours` divided over the GPUs with :data:`RUNTIME_SAFETY`.
+    Tiny scale: CPU only, small. Paper scale: :data:`GPUS` GPUs; budget scale: one GPU; runtime
+    from :func:`paper_gpu_hours` divided over the GPUs with :data:`RUNTIME_SAFETY`.
     """
-    if params["scale"] != "paper":
+    if params["scale"] not in ("paper", "budget"):
         return dict(TINY)
-    gpus = gpus_for(cell)
+    gpus = gpus_for(cell, params["scale"])
     hours = paper_gpu_hours(params, cell) / gpus * RUNTIME_SAFETY
     return {"gpu": gpus, "threads": gpus * CPUS_PER_GPU, "cpus_per_task": gpus * CPUS_PER_GPU, "mem_mb": gpus * MEM_MB_PER_GPU,
             "runtime": min(MAX_RUNTIME_MIN, max(MIN_RUNTIME_MIN, int(math.ceil(hours * 6)) * 10))}
 
 
 def launcher(gpus: int) -> list[str]:
-    """``mpvg`` for one process; ``torchrun`` with one process per GPU when ``gpus > 1``."""
+    """``mpvg`` for one process; ``mpvg launch`` with one process per GPU when ``gpus > 1``
+    (:mod:`mpvg.training.launch`: torchrun's environment, preemption that reaches every rank)."""
     if int(gpus) > 1:
-        return ["torchrun", "--standalone", "--nproc_per_node", str(int(gpus)), "-m", "mpvg"]
+        return ["mpvg", "launch", "--nproc-per-node", str(int(gpus))]
     return ["mpvg"]
 
 
@@ -118,6 +144,10 @@ class Job:
     resources: dict = field(default_factory=dict)
     cell: str | None = None
     seed: int | None = None
+    log: str | None = None           # Snakemake log: file
+    metrics: list[str] = field(default_factory=list)   # DVC metrics files (cache: false)
+    plots: list[str] = field(default_factory=list)     # DVC plots files (cache: false)
+    target: bool = False             # a target a researcher asks for (table1, ...): no outputs, always runs
 
     @property
     def stage_name(self) -> str:
@@ -172,29 +202,21 @@ def missing_inputs(params: Mapping) -> list[str]:
     return [f"{name}: {root}" for name, root in external_datasets(params).items() if not Path(root).exists()]
 
 
-def cell_params_keys(cell: Cell, tiny_keys: set | frozenset = frozenset()) -> list[str]:
+def cell_params_keys(cell: Cell, tiny_keys: set | frozenset = frozenset(), block: str = "tiny") -> list[str]:
     """The params.yaml keys a cell's job depends on (DVC ``params:``); ``tiny_keys`` are the
-    ``section.name`` entries the raw file's ``tiny`` block has (see :func:`tiny_keys_of`)."""
+    ``section.name`` entries the raw file's scale block ``block`` (``tiny`` or ``budget``) has
+    (see :func:`tiny_keys_of`)."""
     own = [f"models.{cell.model}", f"recipes.{cell.recipe}", f"datasets.{cell.dataset}"]
-    return ["scale", *own, *(f"tiny.{key}" for key in own if key in tiny_keys)]
+    return ["scale", *own, *(f"{block}.{key}" for key in own if key in tiny_keys)]
 
 
-def tiny_keys_of(params_file: str | Path) -> frozenset:
-    """``{"recipes.deit", "models.DeiT-Ti", ...}``: what the raw params file's ``tiny`` block sets."""
+def tiny_keys_of(params_file: str | Path, block: str = "tiny") -> frozenset:
+    """``{"recipes.deit", "models.DeiT-Ti", ...}``: what the raw params file's ``block`` sets."""
     import yaml
 
     raw = yaml.safe_load(Path(params_file).read_text()) or {}
-    return frozenset(f"{section}.{name}" for section, block in (raw.get("tiny") or {}).items()
-                     if isinstance(block, dict) for name in block)
-
-
-def run_signature(params: Mapping, cell_id: str) -> str:
-    """The resolved settings of a cell as one JSON string (Snakemake's ``params`` trigger)."""
-    spec = resolve_run(params, cell_id)
-    return json.dumps({"model": spec.model_name, "model_kwargs": spec.model_kwargs,
-                       "recipe": spec.recipe, "dataset": spec.dataset, "root": str(spec.dataset_root),
-                       "num_classes": spec.num_classes, "init_from": spec.cell.init_from,
-                       "scale": spec.scale}, sort_keys=True, default=str)
+    return frozenset(f"{section}.{name}" for section, entries in (raw.get(block) or {}).items()
+                     if isinstance(entries, dict) for name in entries)
 
 
 def cell_dir(params: Mapping, stage: str, cell: str, seed: int) -> str:
@@ -202,7 +224,8 @@ def cell_dir(params: Mapping, stage: str, cell: str, seed: int) -> str:
 
 
 def cell_job(params: Mapping, cell: Cell, seed: int, params_file: str = "params.yaml",
-             overrides: tuple | list = (), cells: Mapping[str, Cell] | None = None, tiny_keys: frozenset = frozenset()) -> Job:
+             overrides: tuple | list = (), cells: Mapping[str, Cell] | None = None, tiny_keys: frozenset = frozenset(),
+             block: str = "tiny") -> Job:
     """The job that trains ``cell`` with ``seed``."""
     cells = cells if cells is not None else expand_cells(params)
     res = cell_resources(params, cell)
@@ -219,7 +242,8 @@ def cell_job(params: Mapping, cell: Cell, seed: int, params_file: str = "params.
         cmd += [INIT_FLAG[cell.stage], f"{init_dir}/{CHECKPOINT}"]
     return Job(rule=cell.stage, key=f"{cell.id}-seed{seed}", args=cmd, deps=deps,
                outs=[f"{out}/{RESULT}"], persist=[f"{out}/{CHECKPOINT}"], external=external,
-               params=cell_params_keys(cell, tiny_keys), resources=res, cell=cell.id, seed=seed)
+               params=cell_params_keys(cell, tiny_keys, block), resources=res, cell=cell.id, seed=seed,
+               log=f"{out}/{JOB_LOG}", metrics=[f"{out}/{SCORES}"], plots=[f"{out}/{HISTORY}"])
 
 
 def analysis_cells(cells: Mapping[str, Cell]) -> list[Cell]:
@@ -230,31 +254,44 @@ def analysis_cells(cells: Mapping[str, Cell]) -> list[Cell]:
 def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tuple | list = ()) -> list[Job]:
     """Every job of the paper for ``params`` (already resolved by ``load_params``), in order."""
     cells = expand_cells(params)
-    tiny_keys = tiny_keys_of(params_file) if Path(params_file).is_file() else frozenset()
+    block = "budget" if params["scale"] == "budget" else "tiny"   # the scale block the cells read
+    tiny_keys = tiny_keys_of(params_file, block) if Path(params_file).is_file() else frozenset()
     seeds = list(params["seeds"])
     common = common_args(params_file, overrides)
     jobs: list[Job] = []
     made = produced_datasets(params)
+    runs, reports = params["paths"]["runs"], params["paths"]["reports"]
+    logs = f"{runs}/logs"
     if made:
         jobs.append(Job(rule="data_tiny", key="", args=["data", "tiny", "--out",
                                                        tiny_data_root(params)],
                         deps=[], outs=sorted(made.values()), directory_outs=True,
-                        params=["tiny.datasets"], resources=dict(TINY)))
+                        params=["tiny.datasets"], resources=dict(TINY), log=f"{logs}/data_tiny.log"))
     for stage in CELL_STAGES:
         for cell in cells.values():
             if cell.stage == stage:
-                jobs += [cell_job(params, cell, seed, params_file, overrides, cells=cells, tiny_keys=tiny_keys) for seed in seeds]
-    runs, reports = params["paths"]["runs"], params["paths"]["reports"]
+                jobs += [cell_job(params, cell, seed, params_file, overrides, cells=cells, tiny_keys=tiny_keys,
+                                  block=block) for seed in seeds]
     figures = f"{reports}/figures"
     analysis_deps = [f"{cell_dir(params, c.stage, c.id, s)}/{RESULT}"
                      for c in analysis_cells(cells) for s in seeds]
     jobs.append(Job(rule="analyze", key="", args=["analyze", *common, "--runs", runs, "--out", figures],
                     deps=analysis_deps, outs=[figures], directory_outs=True,
-                    params=["scale", "models", "grid"], resources=dict(TINY)))
+                    params=["scale"], resources=dict(TINY), log=f"{logs}/analyze.log"))
     all_results = [j.outs[0] for j in jobs if j.cell]
     jobs.append(Job(rule="report", key="", args=["report", *common, "--runs", runs, "--out", reports],
                     deps=all_results + [f"{figures}"], outs=[f"{reports}/{name}" for name in REPORT_FILES],
-                    params=["scale", "seeds", "grid"], resources=dict(TINY)))
+                    params=["scale", "seeds"], resources=dict(TINY), log=f"{logs}/report.log"))
+    result_of = {j.cell: [] for j in jobs if j.cell}
+    for j in jobs:
+        if j.cell:
+            result_of[j.cell].append(j.outs[0])
+    for name, tables in TABLE_TARGETS.items():
+        deps = [out for c in cells.values() if set(c.tables) & set(tables) for out in result_of[c.id]]
+        if deps:
+            jobs.append(Job(rule=name, key="", args=["report", *common, "--runs", runs, "--out", reports,
+                                                     *[a for t in tables for a in ("--only", t)]],
+                            deps=deps, outs=[], params=["scale", "seeds"], resources=dict(TINY), target=True))
     return jobs
 
 
@@ -263,12 +300,18 @@ def targets(params: Mapping) -> list[str]:
     return [f"{params['paths']['reports']}/{name}" for name in REPORT_FILES]
 
 
+def trigger_path(params: Mapping, job: Job) -> str:
+    """The file the Snakefile writes (now) for a job that must run, as a non-ancient input newer
+    than its output: Snakemake's own way of rerunning a job (docs/workflow.md, "The rerun rule")."""
+    return f"{params['paths']['runs']}/.rerun/{job.stage_name}"
+
+
 class Opaque:
     """A value for a Snakemake ``params`` entry that its params rerun trigger leaves out.
 
     Snakemake records only builtin values (str, dict, ...) of ``params`` for the trigger; the
     shell command holds the launcher (how many GPUs), which must not make a finished run stale.
-    What a run computes is tracked by :func:`run_signature` instead."""
+    What a run computes is tracked by its run signature instead (mpvg.workflow.state)."""
 
     def __init__(self, text: str):
         self.text = text

@@ -1,0 +1,207 @@
+"""What the run folders hold, against what params.yaml asks for: the one rerun rule.
+
+For every job of the plan (:func:`mpvg.workflow.plan.build_plan`) :func:`job_states` says whether
+its output is *current* and, if not, why:
+
+* a training / fine-tuning / detection / segmentation run is current when its ``result.json``
+  exists and the signature inputs it records equal the ones the current params give
+  (:mod:`mpvg.signature`; the run it starts from enters as that run's signature);
+* ``analyze`` and ``report`` are current when their record (``figures/analysis.json``,
+  ``reports/build.json``) holds the signatures of exactly the runs they would read now, all current;
+* ``data_tiny`` is current when its folders exist (what is in them enters every run's signature
+  through the dataset fingerprint).
+
+A job must run when it is not current, or when a job it depends on must run (everything
+downstream reruns), or when its checkpoint is gone and a job that reads it must run. File
+modification times never matter. Snakemake (workflow/rules) and the report (``stale`` cells) and
+``mpvg status`` all use this; DVC's own rule (hashes of deps, params and outs) agrees with it,
+which tests/test_dag_moves.py checks move by move.
+
+Torch-free and cheap: a JSON read per run; Snakemake calls it while it plans.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from mpvg.config import resolve_run
+from mpvg.signature import aggregate_inputs, cell_inputs, differences, digest
+
+AGGREGATE_RECORD = {"analyze": "analysis.json", "report": "build.json"}
+
+
+@dataclass
+class JobState:
+    """One job's state: ``status`` is ``current``, ``missing``, ``stale`` or ``unfinished``
+    (a checkpoint but no result: interrupted, resumes); ``reasons`` say why it is not current."""
+
+    rule: str
+    key: str
+    status: str
+    reasons: list[str] = field(default_factory=list)
+    signature: str | None = None            # what it is (current) or will be (after its run)
+    recorded: str | None = None             # what its record says now
+    needs_run: bool = False
+    checkpoint_missing: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.rule}@{self.key}" if self.key else self.rule
+
+    @property
+    def current(self) -> bool:
+        return self.status == "current"
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def record_path(job) -> Path:
+    """The file that records what a job's output was made from."""
+    if job.cell:
+        return Path(job.outs[0])
+    if job.rule == "analyze":
+        return Path(job.outs[0]) / AGGREGATE_RECORD["analyze"]
+    if job.rule == "report":
+        return Path(job.outs[0]).parent / AGGREGATE_RECORD["report"]
+    return Path(job.outs[0])
+
+
+def aggregate_settings(params: Mapping, rule: str) -> dict:
+    return {"scale": params["scale"], "seeds": list(params["seeds"])} if rule == "report" else {"scale": params["scale"]}
+
+
+def parents_of(job, jobs_by_out: Mapping[str, object]) -> list:
+    """The jobs whose outputs ``job`` reads."""
+    return [jobs_by_out[d] for d in job.deps if d in jobs_by_out]
+
+
+def job_states(params: Mapping, jobs: list) -> dict[tuple[str, str], JobState]:
+    """The state of every job of ``jobs`` (in plan order, parents first), keyed ``(rule, key)``."""
+    by_out = {out: job for job in jobs for out in job.outs}
+    states: dict[tuple[str, str], JobState] = {}
+    for job in jobs:
+        parents = parents_of(job, by_out)
+        if job.cell:
+            st = _cell_state(params, job, [states[(p.rule, p.key)] for p in parents if p.cell])
+        elif job.rule in AGGREGATE_RECORD:
+            st = _aggregate_state(params, job, [states[(p.rule, p.key)] for p in parents if p.cell])
+        else:
+            missing = [out for out in job.outs if not Path(out).exists()]
+            st = JobState(job.rule, job.key, "missing" if missing else "current",
+                          [f"{m} is missing" for m in missing])
+        states[(job.rule, job.key)] = st
+    _close_over_dependents(jobs, states, by_out)
+    return states
+
+
+def _cell_state(params: Mapping, job, parent_states: list[JobState]) -> JobState:
+    init = parent_states[0].signature if parent_states else None
+    spec = resolve_run(params, job.cell)
+    inputs = cell_inputs(spec, job.seed, init)
+    sig = digest(inputs)
+    out = Path(job.outs[0])
+    ckpt_missing = not (out.parent / "checkpoint.pt").exists()
+    record = _read(out) if out.exists() else None
+    if record is None:
+        if (out.parent / "checkpoint.pt").exists():
+            return JobState(job.rule, job.key, "unfinished", ["no result.json yet (interrupted; it resumes)"], sig,
+                            checkpoint_missing=ckpt_missing)
+        why = "result.json is unreadable" if out.exists() else "no result yet"
+        return JobState(job.rule, job.key, "missing", [why], sig, checkpoint_missing=ckpt_missing)
+    recorded_inputs = record.get("signature_inputs")
+    diffs = differences(recorded_inputs, inputs)
+    if diffs:
+        return JobState(job.rule, job.key, "stale", diffs, sig, record.get("signature"),
+                        checkpoint_missing=ckpt_missing)
+    # current: its own recorded signature is what runs downstream of it chain on (the fingerprint
+    # may be unknown here, e.g. a login node without the data)
+    return JobState(job.rule, job.key, "current", [], record.get("signature") or sig, record.get("signature"),
+                    checkpoint_missing=ckpt_missing)
+
+
+def expected_aggregate(params: Mapping, rule: str, parent_states: list[JobState]) -> dict:
+    """The inputs ``analyze``/``report`` will record once every run it reads is current."""
+    return aggregate_inputs(rule, aggregate_settings(params, rule), {p.key: p.signature for p in parent_states})
+
+
+def seen_aggregate(params: Mapping, rule: str, parent_states: list[JobState]) -> dict:
+    """The inputs ``analyze``/``report`` record now: each run's signature if current, else None."""
+    return aggregate_inputs(rule, aggregate_settings(params, rule),
+                            {p.key: p.recorded if p.current else None for p in parent_states})
+
+
+def _aggregate_state(params: Mapping, job, parent_states: list[JobState]) -> JobState:
+    expected = expected_aggregate(params, job.rule, parent_states)
+    sig = digest(expected)
+    missing = [out for out in job.outs if not Path(out).exists()]
+    if missing:
+        return JobState(job.rule, job.key, "missing", [f"{m} is missing" for m in missing], sig)
+    record = _read(record_path(job)) or {}
+    diffs = differences(record.get("signature_inputs"), expected)
+    if diffs:
+        return JobState(job.rule, job.key, "stale", diffs, sig, record.get("signature"))
+    return JobState(job.rule, job.key, "current", [], sig, record.get("signature"))
+
+
+def _close_over_dependents(jobs: list, states: dict, by_out: Mapping[str, object]) -> None:
+    """``needs_run``: not current, or a job it depends on must run, or its checkpoint is gone and a
+    job that reads the checkpoint must run (repeated until nothing changes)."""
+    children: dict[tuple, list] = {}
+    for job in jobs:
+        for parent in parents_of(job, by_out):
+            children.setdefault((parent.rule, parent.key), []).append(job)
+    readers = {(j.rule, j.key) for j in jobs if j.rule in ("analyze", "finetune", "detect", "segment")}
+    for st in states.values():
+        st.needs_run = not st.current
+    changed = True
+    while changed:
+        changed = False
+        for job in jobs:  # plan order: parents before children
+            st = states[(job.rule, job.key)]
+            if st.needs_run:
+                continue
+            # data_tiny regenerates the same data (the fingerprint says whether it changed): its
+            # rerun alone reruns nothing downstream
+            if any(states[(p.rule, p.key)].needs_run for p in parents_of(job, by_out)
+                   if p.cell or p.rule in AGGREGATE_RECORD):
+                st.needs_run, changed = True, True
+                st.reasons.append("a job it depends on reruns")
+            elif st.checkpoint_missing and job.cell and any(
+                    states[(c.rule, c.key)].needs_run and (c.rule, c.key) in readers
+                    for c in children.get((job.rule, job.key), [])):
+                st.needs_run, changed = True, True
+                st.reasons.append("checkpoint.pt is gone and a job that reads it reruns")
+
+
+def summary(states: Mapping[tuple, JobState]) -> list[str]:
+    """One line per job that must run, with its first reasons."""
+    return [f"{st.name}: {st.status}" + (f" ({'; '.join(st.reasons[:3])})" if st.reasons else "")
+            for st in states.values() if st.needs_run]
+
+
+def plan_states(params: Mapping, runs: str | Path | None = None) -> tuple[list, dict]:
+    """``(jobs, states)`` of the plan of ``params`` (with ``runs`` instead of ``paths.runs`` if given)."""
+    from mpvg.workflow.plan import build_plan
+
+    p = params if runs is None else {**params, "paths": {**params["paths"], "runs": str(runs)}}
+    jobs = build_plan(p)
+    return jobs, job_states(p, jobs)
+
+
+def seen_record(params: Mapping, rule: str, runs: str | Path | None = None) -> dict:
+    """What ``analyze`` / ``report`` write into their record (``analysis.json`` / ``build.json``):
+    the signatures of the runs they read now (``None`` for a run that is not current)."""
+    jobs, states = plan_states(params, runs)
+    by_out = {out: job for job in jobs for out in job.outs}
+    job = next(j for j in jobs if j.rule == rule)
+    parents = [states[(p.rule, p.key)] for p in parents_of(job, by_out) if p.cell]
+    inputs = seen_aggregate(params, rule, parents)
+    return {"signature": digest(inputs), "signature_inputs": inputs}
