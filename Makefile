@@ -1,8 +1,9 @@
 # mpvg: the two commands of the README, and helpers.
 #   make demo       set up .venv if needed, run the whole DAG at the tiny scale on CPU
 #   make test       set up .venv if needed, run the tests (starts a one-node SLURM for the slurm ones)
-#   make test-slow  the slow tests too (the whole tiny DAG, DVC repro from a clean copy, ...)
+#   make test-slow  only the slow tests (the whole tiny DAG, SLURM requeue, every model family, ...)
 #   make gpu-check  on one GPU, first thing on a new cluster: every GPU code path, timed (< 8 min)
+#   make cost | dvc-yaml | slurm-up | slurm-down | clean-demo   (see the comments below)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -33,7 +34,7 @@ demo: env
 	@start=$$(date +%s); \
 	snakemake --cores $(CORES); \
 	echo "demo: DAG done in $$(( $$(date +%s) - start )) s; tables in reports/ (reports/README.md)"; \
-	echo "demo: MLflow runs: mlflow ui --backend-store-uri sqlite:///mlruns.db"
+	echo "demo: MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --workers 1 (runs tables: README.md, MLflow)"
 
 test: env latex
 	pytest
@@ -69,6 +70,7 @@ dvc-yaml: env
 cost: env
 	mpvg workflow cost --set scale=paper
 
-# Remove what the demo made (runs, tiny data, MLflow store); reports/ is tracked by git.
+# Remove what the demo made (runs, tiny data, MLflow store). reports/ stays (it is ignored by git,
+# and the next `make demo` or `mpvg report` rewrites it).
 clean-demo:
 	rm -rf runs data/tiny mlruns mlruns.db mlruns.db.lock .snakemake

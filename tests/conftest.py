@@ -1,10 +1,14 @@
 """Shared fixtures: a throw-away copy of the workflow files to run Snakemake/DVC in."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,44 @@ def run(cmd: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
     """Run ``cmd`` in ``cwd``; stdout and stderr together in ``.stdout``."""
     return subprocess.run(cmd, cwd=cwd, env=env or tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (once this socket is closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, port: int | None = None):
+    """A real `mlflow server` on 127.0.0.1 (one worker; SQLite backend and artifacts in
+    ``folder``), ready to answer: yields ``(uri, process)``; the caller may kill the process.
+    Stopped at the end either way."""
+    import urllib.request
+
+    port = port or free_port()
+    proc = subprocess.Popen(
+        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts")],
+        cwd=folder, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield uri, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 @pytest.fixture

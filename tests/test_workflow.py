@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run, tool_env
+from conftest import ROOT, mlflow_server, run, tool_env
 from mpvg.config import expand_cells, load_params
 from mpvg.workflow import plan as wf
 from mpvg.workflow.dvcyaml import render
@@ -300,12 +299,6 @@ def test_ci_runs_make_test():
 
 # --------------------------------------------------------------------------- MLflow
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 LOG_ONE_RUN = """
 import sys
 from mpvg.tracking import RunTracker
@@ -347,33 +340,11 @@ def test_parallel_jobs_lose_no_run_in_the_local_store(tmp_path):
 
 
 def test_parallel_jobs_log_through_a_real_mlflow_server(tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", str(tmp_path / "artifacts")],
-        cwd=tmp_path, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        import urllib.request
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("mlflow server did not start")
-                time.sleep(0.5)
+    with mlflow_server(tmp_path) as (uri, _):
         _log_in_parallel(uri, tmp_path, 4)
         runs = _runs(uri)
         assert sorted(r.info.run_name for r in runs) == [f"job{i}" for i in range(4)]
         assert all(r.data.metrics["loss"] == pytest.approx(1 / 3) for r in runs)
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
 
 
 # --------------------------------------------------------------------------- real runs
@@ -420,8 +391,9 @@ def test_whole_tiny_dag_on_two_cores(workdir):
     uri = f"sqlite:///{workdir / 'mlruns.db'}"
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
-    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    from mpvg.tracking import experiment_ids
+
+    client = MlflowClient(tracking_uri=uri)  # training runs in <experiment>/<task>, analysis and report in <experiment>
+    runs = client.search_runs(list(experiment_ids(uri, params["tracking"]["experiment"]).values()), max_results=5000)
     assert {r["mlflow_run_id"] for r in results} <= {r.info.run_id for r in runs}
     print(f"whole tiny DAG: {len(jobs)} jobs in {elapsed:.0f} s")

@@ -32,5 +32,8 @@ def run_report(args: argparse.Namespace) -> int:
     if args.only:
         print(f"mpvg report: wrote {', '.join(str(p) for p in written)}")
     else:
+        from mpvg.tracking import log_report
+
+        log_report(params, {}, written)  # the tables as artifacts of one MLflow run (a failing store: a warning)
         print(f"mpvg report: wrote {len(written)} files to {out} (index: {out}/README.md)")
     return 0

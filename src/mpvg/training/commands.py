@@ -78,16 +78,30 @@ def register(subparsers) -> None:
     la.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="an mpvg sub-command and its arguments")
     la.set_defaults(func=_launch)
 
-    t = subparsers.add_parser("tracking", help="MLflow store: create it before parallel jobs, upload offline runs",
+    t = subparsers.add_parser("tracking", help="MLflow store: create it before parallel jobs, complete runs that "
+                              "lost their server",
                               description="Where runs are tracked: $MLFLOW_TRACKING_URI, else tracking.uri of "
-                              "params.yaml, else sqlite:///<project root>/mlruns.db.")
+                              "params.yaml, else sqlite:///<project root>/mlruns.db. Experiments: "
+                              "<tracking.experiment> (report and analysis runs) and <tracking.experiment>/<task> "
+                              "(training runs of in1k, c100, coco, ade20k).")
     add_params_arguments(t)
     tsub = t.add_subparsers(dest="tracking_command", metavar="ACTION", required=True)
-    ti = tsub.add_parser("init", help="create the store and the experiment once (run before parallel jobs)")
+    ti = tsub.add_parser("init", help="create the store and the experiments once (run before parallel jobs)",
+                         description="Create the MLflow store (a SQLite schema is created once, under a lock) and "
+                         "the project's experiments where missing: <experiment> and <experiment>/<task> for every "
+                         "task, in that order (on a fresh store ids 1-5, the README's links), each of the kind "
+                         "MLflow's UI opens on its runs table. The workflow runs it before the first job. A server "
+                         "that does not answer within 2 s is an error naming it.")
     ti.set_defaults(func=_tracking_init)
-    ts = tsub.add_parser("sync", help="upload run folders' metrics.jsonl (jobs that ran with MLflow down)")
+    ts = tsub.add_parser("sync", help="complete run folders' MLflow runs from their metrics.jsonl",
+                         description="For each RUN_DIR, complete the MLflow run of the job from RUN_DIR/metrics.jsonl "
+                         "(the journal every job writes): a run cut off by a dying or silent server (left RUNNING) "
+                         "gets the tags, params, metric values (by key and step), artifacts and final status it "
+                         "lacks, under its own run id; a job that never reached MLflow gets a new run, whose id is "
+                         "written into result.json and the journal. Running it again sends nothing new.")
     ts.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    ts.add_argument("--force", action="store_true", help="upload even if result.json names an MLflow run")
+    ts.add_argument("--force", action="store_true",
+                    help="upload the journal as a second, new MLflow run even when the job's run exists")
     ts.set_defaults(func=_tracking_sync)
 
 

@@ -8,14 +8,26 @@ import sys
 def register(subparsers) -> None:
     from mpvg.config import add_params_arguments
 
-    cells = subparsers.add_parser("cells", help="list the cells of the grid (id, stage, tables, start point, resources)")
+    cells = subparsers.add_parser(
+        "cells", help="list the cells of the grid (id, stage, tables, start point, resources)",
+        description="Print every cell of the grid of params.yaml at its scale, one per line: its id, "
+                    "stage, the tables and figures it feeds, the cell it starts from, and the GPUs and "
+                    "minutes (SLURM runtime) its job asks for.")
     add_params_arguments(cells)
     cells.set_defaults(func=cmd_cells)
 
-    wf = subparsers.add_parser("workflow", help="the job plan behind the Snakefile and dvc.yaml")
+    wf = subparsers.add_parser(
+        "workflow", help="the job plan behind the Snakefile and dvc.yaml",
+        description="The jobs that Snakemake and DVC run, computed from params.yaml (one job per cell "
+                    "and seed, plus the data, analysis and report jobs): write dvc.yaml, print the "
+                    "paper-scale cost, check the inputs, list every job.")
     sub = wf.add_subparsers(dest="workflow_command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("dvc-yaml", help="write dvc.yaml from params.yaml (the same jobs as the Snakefile)")
+    p = sub.add_parser(
+        "dvc-yaml", help="write dvc.yaml from params.yaml (the same jobs as the Snakefile)",
+        description="Write dvc.yaml from params.yaml: one stage per job of the plan, the same jobs, "
+                    "commands and outputs as the Snakefile. With --check, only compare (exit status 1 "
+                    "when --out is stale).")
     add_params_arguments(p)
     p.add_argument("--out", default="dvc.yaml", help="where to write (default: dvc.yaml)")
     p.add_argument("--check", action="store_true", help="only compare: exit 1 when --out differs")
@@ -40,11 +52,18 @@ def register(subparsers) -> None:
                    help="the total for N seeds of every cell (default: len(seeds) of the params)")
     p.set_defaults(func=cmd_cost)
 
-    p = sub.add_parser("check", help="what would stop a real run: missing datasets (exit 1 if any)")
+    p = sub.add_parser(
+        "check", help="what would stop a real run: missing datasets (exit 1 if any)",
+        description="List the dataset roots the grid reads at the params' scale that do not exist "
+                    "(the check a real Snakemake run makes before submitting anything). Exit status 1 "
+                    "if any is missing.")
     add_params_arguments(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("plan", help="every job: stage name, resources and command")
+    p = sub.add_parser(
+        "plan", help="every job: stage name, resources and command",
+        description="Print every job of the plan, one per line: its stage name (as in dvc.yaml), its "
+                    "resources (gpu, threads, mem_mb, runtime in minutes) and the command it runs.")
     add_params_arguments(p)
     p.set_defaults(func=cmd_plan)
 
