@@ -18,7 +18,7 @@ export PATH := $(BIN):$(PATH)
 .PHONY: help env demo test test-slow gpu-check latex slurm-up slurm-down dvc-yaml cost clean-demo
 
 help:
-	@sed -n 2,5p Makefile
+	@sed -n 2,6p Makefile
 
 # The environment: created once from the lock, then only when the lock or pyproject changes.
 env: $(STAMP)

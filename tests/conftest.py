@@ -114,3 +114,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_tracking_store(tmp_path_factory):
+    """In-process commands of the tests log to a store of their own, never to the checkout's
+    mlruns.db (subprocesses get their store from tool_env(), which drops this variable)."""
+    store = tmp_path_factory.mktemp("mlflow") / "mlruns.db"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    yield
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old

@@ -23,7 +23,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("params", "mpvg.models.commands", "#Params of every cell of Tables 1 and 2, counted from the built models"),
     ("models", "mpvg.models.commands", "list the registered mpvg models (timm names) and their paper names"),
     ("data", "mpvg.data.commands", "generate the tiny datasets, check dataset roots"),
-    ("train", "mpvg.training.commands", "train one classification cell for one seed (resumable; torchrun for DDP)"),
+    ("train", "mpvg.training.commands", "train one classification cell for one seed (resumable; `mpvg launch` for several GPUs)"),
     ("eval", "mpvg.training.commands", "top-1/top-5/loss of a checkpoint on a cell's validation set"),
     ("launch", "mpvg.training.commands",
      "run a training command in N processes on this node (preemption-safe torchrun)"),
@@ -35,6 +35,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
      "ADE20K semantic segmentation with UperNet on a ViT-Adapter-Ti of each PE method (Table 4)"),
     ("analyze", "mpvg.analysis.commands", "draw Figures 2, 4, 6, 7, 8 from checkpoints (PNG + PDF) and analysis.json"),
     ("report", "mpvg.reporting.commands", "write the paper's tables (Markdown + LaTeX) from runs/**/result.json"),
+    ("status", "mpvg.workflow.commands",
+     "where the DAG stands: finished, running (epoch k of n), stale, pending runs per table"),
     ("cells", "mpvg.workflow.commands", "list the cells of the grid (id, stage, tables, start point, resources)"),
     ("workflow", "mpvg.workflow.commands", "the job plan behind the Snakefile and dvc.yaml"),
 )

@@ -552,12 +552,14 @@ def log_analysis(params: Mapping[str, Any], result: Mapping[str, Any], files: li
     return run_id
 
 
-def log_report(params: Mapping[str, Any], metrics: Mapping[str, Any], files: Sequence[str | os.PathLike]) -> str | None:
+def log_report(params: Mapping[str, Any], metrics: Mapping[str, Any], files: Sequence[str | os.PathLike],
+               children: Mapping[str, Mapping[str, Any]] | None = None) -> str | None:
     """``mpvg report`` in MLflow: one run ``report`` of the project's experiment with
-    ``metrics`` (flattened; numbers only, e.g. the paper-claims verdicts) at step 0 and the
-    written files (tables, index) as artifacts, in the folders they have under their common
-    folder. Never raises: a failing store is a warning. Returns the run id (None when
-    tracking failed)."""
+    ``metrics`` (flattened; numbers only, e.g. the counts of the claims' verdicts) at step 0 and
+    the written files (tables, index) as artifacts, in the folders they have under their common
+    folder. ``children``: one nested run per entry (e.g. per paper claim: its difference, CI and
+    verdict), so the runs table keeps a few short columns. Never raises: a failing store is a
+    warning. Returns the run id (None when tracking failed)."""
     tracker = _project_tracker(params)
     run_id = tracker.start("report", {"stage": "report", "scale": (params or {}).get("scale")}, {})
     if run_id is None:
@@ -565,6 +567,15 @@ def log_report(params: Mapping[str, Any], metrics: Mapping[str, Any], files: Seq
     numbers = {k: v for k, v in flatten(dict(metrics)).items() if _is_number(v)}
     if numbers:
         tracker.log_metrics(numbers, 0)
+    for name, values in (children or {}).items():
+        child = _project_tracker(params)
+        if child.start(name, {"stage": "report", "claim": name, "scale": (params or {}).get("scale")}, {},
+                       parent_run_id=run_id) is None:
+            break
+        child_numbers = {k: v for k, v in values.items() if _is_number(v)}
+        if child_numbers:
+            child.log_metrics(child_numbers, 0)
+        child.finish("FINISHED")
     paths = [Path(f).resolve() for f in files]
     root = Path(os.path.commonpath([p.parent for p in paths])) if paths else None
     for path in paths:

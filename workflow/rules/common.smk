@@ -200,3 +200,12 @@ onstart:
     if problems:
         raise WorkflowError("cannot start:\n  - " + "\n  - ".join(problems))
     shell(f"mpvg tracking {COMMON} init")
+
+
+onsuccess:
+    # Snakemake and DVC share what ran: record every finished run (and the stages before and after
+    # it) in dvc.lock, so `dvc status` agrees with Snakemake afterwards. At the paper scale this
+    # hashes the datasets and checkpoints (DVC's cache); the slurm profile turns it off with
+    # `dvc_commit: false` in its configfile: run `mpvg workflow dvc-commit` when you want it.
+    if PLANNING and config.get("dvc_commit", True) and Path(".dvc").is_dir():
+        shell(f"mpvg workflow dvc-commit {COMMON}")

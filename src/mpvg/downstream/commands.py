@@ -26,10 +26,10 @@ def register(subparsers) -> None:
                                     description=f"{what} on ViT-Adapter-Ti around the DeiT-Ti of a PE method.")
         sub = top.add_subparsers(dest=f"{task}_command", metavar="ACTION", required=True)
 
-        t = sub.add_parser("train", help=f"fine-tune one {task} cell for one seed (resumable; torchrun for DDP)",
+        t = sub.add_parser("train", help=f"fine-tune one {task} cell for one seed (resumable; `mpvg launch` for several GPUs)",
                            description=f"Fine-tune cell CELL (e.g. {example}) from its ImageNet checkpoint; "
                            "resumes from OUT/checkpoint.pt; writes OUT/result.json last with the "
-                           f"{metric}. Multi-GPU: torchrun --nproc-per-node=G -m mpvg {task} train ... "
+                           f"{metric}. Multi-GPU: mpvg launch --nproc-per-node G {task} train ... "
                            f"Exit codes: 0 done, 1 non-finite loss, 2 bad config/data, {REQUEUE_EXIT_CODE} "
                            "preempted (checkpoint saved; requeue).")
         add_params_arguments(t)

@@ -19,10 +19,10 @@ def register(subparsers) -> None:
     from mpvg.config import add_params_arguments
 
     p = subparsers.add_parser(
-        "train", help="train one classification cell for one seed (resumable; torchrun for DDP)",
+        "train", help="train one classification cell for one seed (resumable; `mpvg launch` for several GPUs)",
         description="Train one classification cell of params.yaml for one seed with the recipe of its "
         "scale. Resumes automatically from OUT/checkpoint.pt; writes OUT/result.json last. Multi-GPU: "
-        "torchrun --nproc-per-node=G -m mpvg train ... (the recipe's batch_size is global). "
+        "mpvg launch --nproc-per-node G train ... (the recipe's batch_size is global). "
         f"Exit codes: 0 done, 1 non-finite loss or crash, 2 bad config/data, {REQUEUE_EXIT_CODE} "
         "preempted (SIGTERM/SIGUSR1; checkpoint saved, requeue).")
     add_params_arguments(p)
@@ -246,7 +246,7 @@ def _tracking_init(args) -> int:
     try:
         uri, experiment = tracking_settings(args, params_from_args(args))
         exp_id = init_store(uri, experiment)
-    except expected_errors() as err:
+    except (*expected_errors(), RuntimeError) as err:  # TrackingError: a store that cannot be used
         return fail("tracking init", err)
     print(f"tracking store {uri}: experiment {experiment!r} (id {exp_id}) ready")
     return 0

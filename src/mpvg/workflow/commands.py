@@ -16,6 +16,18 @@ def register(subparsers) -> None:
     add_params_arguments(cells)
     cells.set_defaults(func=cmd_cells)
 
+    st = subparsers.add_parser(
+        "status", help="where the DAG stands: finished, running (epoch k of n), stale, pending runs per table",
+        description="Read the run folders (result.json, the lock of a run being written, its metrics.jsonl) "
+                    "and the rerun rule, and print per table how many runs are finished, running (with "
+                    "epoch or iteration k of n and who runs it), interrupted (they resume), stale (made "
+                    "with other settings; why) and pending, the GPU-hours spent and planned for the rest, "
+                    "and each run's MLflow run. Safe on a login node while Snakemake runs; imports no torch.")
+    add_params_arguments(st)
+    st.add_argument("--all", action="store_true", help="list the finished runs too")
+    st.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    st.set_defaults(func=cmd_status)
+
     wf = subparsers.add_parser(
         "workflow", help="the job plan behind the Snakefile and dvc.yaml",
         description="The jobs that Snakemake and DVC run, computed from params.yaml (one job per cell "
@@ -41,6 +53,14 @@ def register(subparsers) -> None:
                        "unchanged is not rewritten.")
     add_params_arguments(p)
     p.set_defaults(func=cmd_signatures)
+
+    p = sub.add_parser("dvc-commit", help="record the finished runs in dvc.lock (after a Snakemake run)",
+                       description="Run `dvc commit` for every stage whose job is current (its result follows from "
+                       "the current params): afterwards `dvc status` agrees with Snakemake. The Snakefile does "
+                       "it after a successful run (config dvc_commit, off in the slurm profile). Writes the "
+                       "settings files first; caches the outputs as DVC does.")
+    add_params_arguments(p)
+    p.set_defaults(func=cmd_dvc_commit)
 
     p = sub.add_parser("cost", help="GPU-hours per cell at the paper (default) or budget scale (the README's cost tables)",
                        description="Planned GPU-hours per cell and seed from the recipes; the total is for --seeds N "
@@ -98,6 +118,22 @@ def cmd_cells(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from mpvg.workflow.status import render, run_statuses
+
+    params = _params(args)
+    statuses = run_statuses(params)
+    if args.json:
+        for s in statuses:
+            print(json.dumps(dataclasses.asdict(s)))
+    else:
+        print(render(params, statuses, show_all=args.all))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     for job in _plan(args):
         res = job.resources
@@ -142,6 +178,44 @@ def cmd_signatures(args: argparse.Namespace) -> int:
             file.write_text(text)
             changed += 1
     print(f"mpvg workflow signatures: {len(settings)} runs, {changed} settings file(s) changed")
+    return 0
+
+
+def cmd_dvc_commit(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    from mpvg.workflow.state import job_states
+
+    from pathlib import Path
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    if not Path(dvc).is_file():
+        print("mpvg workflow dvc-commit: no `dvc` on PATH or beside this Python", file=sys.stderr)
+        return 2
+    if cmd_signatures(args):
+        return 1
+    jobs = _plan(args)
+    states = job_states(_params(args), jobs)
+    current = [j for j in jobs if not j.target and states[(j.rule, j.key)].current]
+    done_outs = {o for j in current for o in j.outs}
+    targets = [j for j in jobs if j.target and all(d in done_outs for d in j.deps)]  # their runs are done
+    names = ["signatures", *(j.stage_name for j in current + targets)]
+    # only what dvc.lock does not have yet (hashing every checkpoint again costs a minute at the tiny scale)
+    status = subprocess.run([dvc, "status", "--json"], capture_output=True, text=True)  # all stages: fast
+    if status.returncode == 0:
+        import json
+
+        changed = set(json.loads(status.stdout or "{}"))
+        names = [n for n in names if n in changed]
+    if not names:
+        print("mpvg workflow dvc-commit: dvc.lock already records every finished run")
+        return 0
+    done = subprocess.run([dvc, "commit", "--force", "--quiet", *names])
+    if done.returncode:
+        print(f"mpvg workflow dvc-commit: dvc commit failed ({done.returncode})", file=sys.stderr)
+        return done.returncode
+    print(f"mpvg workflow dvc-commit: {len(names)} stages recorded in dvc.lock")
     return 0
 
 

@@ -87,6 +87,7 @@ def job_states(params: Mapping, jobs: list) -> dict[tuple[str, str], JobState]:
     """The state of every job of ``jobs`` (in plan order, parents first), keyed ``(rule, key)``."""
     by_out = {out: job for job in jobs for out in job.outs}
     states: dict[tuple[str, str], JobState] = {}
+    jobs = [job for job in jobs if not job.target]  # table1, ...: always run when asked for
     for job in jobs:
         parents = parents_of(job, by_out)
         if job.cell:
