@@ -165,7 +165,8 @@ def test_data_check_deep_lists_bad_files_and_exits_1(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ `mpvg data check` lines
-def test_data_check_one_line_per_dataset_with_the_right_advice(tmp_path, capsys):
+def test_data_check_one_line_per_dataset_with_the_right_advice(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative roots (data/tiny/...) must not find the checkout's demo data
     grid = ("grid=[{tables: [T1], task: in1k, stage: train, dataset: imagenet, models: [DeiT-Ti], methods: [MPVG]},"
             " {tables: [T2], task: c100, stage: train, dataset: cifar100, models: [ViT-Lite], methods: [MPVG]}]")
     base = ["data", "check", "--params", str(PARAMS), "--set", grid]

@@ -143,9 +143,9 @@ def test_data_check_reads_the_subset(tiny_root, tmp_path, capsys):
     common = ["data", "check", "--params", str(PARAMS), "--set", "scale=budget", "--set", "cells=[in1k-deit_ti-mpvg]",
               "--set", f"datasets.imagenet.root={tiny_root / 'imagenet'}", "--set", "datasets.imagenet.num_classes=2"]
     assert cli.main(common + ["--set", "datasets.imagenet.classes=[digit_3, digit_8]"]) == 0
-    assert f"ok       imagenet train: {tiny_root / 'imagenet'}, 2 classes" in capsys.readouterr().out
+    assert f"ok       imagenet: {tiny_root / 'imagenet'} (train, val, 2 classes)" in capsys.readouterr().out
     assert cli.main(common + ["--set", "datasets.imagenet.classes=[digit_3, n01749939]"]) == 1
-    assert "MISSING  imagenet train (used by 1 cells)" in capsys.readouterr().out
+    assert "BAD      imagenet (used by 1 cells)" in capsys.readouterr().out
     assert cli.main(common[:-2]) == 1  # ImageNet-100 itself: its classes are not in the tiny folders
     assert "100 of the 100 classes of the subset are not class folders there: ['n01558993'" in capsys.readouterr().out
 
@@ -177,7 +177,7 @@ def test_budget_plan_one_gpu_per_job(budget, tmp_path):
     assert "data_tiny" not in {j.rule for j in jobs}
     for j in cell_jobs:
         assert j.resources["gpu"] == 1 and j.argv()[0] == "mpvg"
-        assert j.resources["cpus_per_task"] == 8 and j.resources["mem_mb"] == 48_000
+        assert j.resources["cpus_per_task"] == wf.CPUS_PER_GPU and j.resources["mem_mb"] == 48_000
         assert "--set" in j.args and "scale=budget" in j.args
     by_key = {j.key: j for j in cell_jobs}
     # runtime: GPU-hours x 1.3, rounded up to 10 min; e.g. DeiT-Ti 100 x 130,000 / 2500 / 3600 = 1.44 h -> 1.88 h
@@ -191,9 +191,13 @@ def test_budget_plan_one_gpu_per_job(budget, tmp_path):
     assert by_key["in1k-deit_ti-pvg-seed0"].params == [
         "scale", "models.DeiT-Ti", "recipes.deit", "datasets.imagenet", "budget.recipes.deit", "budget.datasets.imagenet"]
     assert wf.external_datasets(budget) == {"cifar100": "data/cifar-100-python", "imagenet": "data/imagenet"}
-    # the run signature (Snakemake's params trigger) holds the class list
-    assert json.loads(wf.run_signature(budget, "in1k-deit_ti-mpvg"))["classes"] == class_list("imagenet100")
-    assert "classes" not in json.loads(wf.run_signature(budget, "c100-vit_lite-mpvg"))
+    # the run signature holds the class list
+    from mpvg.config import resolve_run
+    from mpvg.signature import cell_inputs
+
+    sig = cell_inputs(resolve_run(budget, "in1k-deit_ti-mpvg"), 0, fingerprint=False)
+    assert sig["dataset"]["classes"] == list(class_list("imagenet100"))
+    assert cell_inputs(resolve_run(budget, "c100-vit_lite-mpvg"), 0, fingerprint=False)["dataset"]["classes"] is None
 
 
 def test_budget_cost_three_seeds_under_five_percent_of_one_paper_seed(budget, capsys):

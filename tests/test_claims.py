@@ -191,9 +191,9 @@ def test_bad_claims_file_is_named(tmp_path, edit, needle):
 def test_report_writes_the_claims_pages(tmp_path, params, cells):
     runs = tmp_path / "runs"
     for seed, (a, b) in enumerate(zip([73.4, 73.5, 73.6], [73.0, 73.1, 73.2])):
-        write_result(runs, "in1k-deit_ti-mpvg", seed, {"top1": a})
-        write_result(runs, "in1k-deit_ti-pvg", seed, {"top1": b})
-    write_result(runs, "in1k-deit_ti-mpvg-detach", 0, {"top1": 73.3})
+        write_result(runs, "in1k-deit_ti-mpvg", seed, {"top1": a}, params=params)
+        write_result(runs, "in1k-deit_ti-pvg", seed, {"top1": b}, params=params)
+    write_result(runs, "in1k-deit_ti-mpvg-detach", 0, {"top1": 73.3}, params=params)
     out = tmp_path / "reports"
     written = build_reports(params, cells, runs, out, commit="0123abc")
     assert {out / n for n in ("claims.md", "claims.tex", "claims.json")} <= set(written)
@@ -225,9 +225,9 @@ def test_report_writes_the_claims_pages(tmp_path, params, cells):
         assert run.returncode == 0, run.stdout[-2000:]
         assert "Float too large" not in run.stdout and "Overfull" not in run.stdout
     # one seed per cell (the tiny default): every verdict pending, and the page says why
-    write_result(tmp_path / "one", "in1k-deit_ti-mpvg", 0, {"top1": 73.4})
-    write_result(tmp_path / "one", "in1k-deit_ti-pvg", 0, {"top1": 73.0})
     tiny = load_params(PARAMS)
+    write_result(tmp_path / "one", "in1k-deit_ti-mpvg", 0, {"top1": 73.4}, params=tiny)
+    write_result(tmp_path / "one", "in1k-deit_ti-pvg", 0, {"top1": 73.0}, params=tiny)
     build_reports(tiny, expand_cells(tiny), tmp_path / "one", tmp_path / "one-reports")
     text = (tmp_path / "one-reports" / "claims.md").read_text()
     assert f"0 holds, 0 not resolved, 0 contradicted, {n_claims} pending" in text

@@ -63,7 +63,7 @@ def test_group_arguments_cpu_and_a_missing_gpu(monkeypatch):
     assert distributed.group_kwargs(torch.device("cpu"), 1, 2) == {"backend": "gloo", "init_method": "env://",
                                                                    "rank": 1, "world_size": 2}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="--device cuda was asked for, but torch sees no CUDA device"):
+    with pytest.raises(ValueError, match="--device cuda was asked for, but torch sees no CUDA device"):
         distributed.resolve_device("cuda")
     assert distributed.resolve_device("auto") == torch.device("cpu")
 

@@ -269,3 +269,92 @@ def test_seeds_changed_under_dvc_stop_with_what_to_run(workdir):
     assert res.returncode != 0
     assert "params.yaml now plans stages that dvc.yaml lacks (train@in1k-deit_ti-default-seed1" in res.stdout
     assert "run `mpvg workflow dvc-yaml`" in res.stdout
+
+
+# ------------------------------------------------------------------------------ real runs
+def small_grid(repo: Path) -> None:
+    """Only Table 2's ViT-Lite cells, one epoch each: a real DAG of a minute."""
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    data["grid"] = [g for g in data["grid"] if g["task"] == "c100" and g["stage"] == "train"]
+    data["tiny"]["recipes"]["vit_lite_c100"]["epochs"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    res = run(["mpvg", "workflow", "dvc-yaml"], repo)
+    assert res.returncode == 0, res.stdout
+
+
+def results(repo: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted((repo / "runs").glob("*/*/seed*/result.json"))}
+
+
+def test_a_changed_recipe_reruns_to_the_report(workdir):  # about 2 minutes: the one real rerun of the suite
+    """The real thing for one move: a finished small DAG, one recipe value changed, the same
+    command: those runs train again from scratch (old state kept aside) and the report shows
+    the new numbers, none stale."""
+    small_grid(workdir)
+    first = run(["snakemake", "--cores", "2"], workdir, timeout=900)
+    assert first.returncode == 0, first.stdout[-4000:]
+    before = results(workdir)
+    assert len(before) == 4
+    edit_params(workdir, lambda p: p["tiny"]["recipes"]["vit_lite_c100"].__setitem__("epochs", 2))
+    assert counts(planned(workdir)) == {"train": 4, "report": 1}
+    second = run(["snakemake", "--cores", "2"], workdir, timeout=900)
+    assert second.returncode == 0, second.stdout[-4000:]
+    after = results(workdir)
+    for path, data in after.items():
+        result = json.loads(data)
+        assert data != before[path] and len(result["history"]) == 2  # trained again, 2 epochs
+        kept = list((workdir / path).parent.glob("previous/*/result.json"))
+        assert len(kept) == 1 and kept[0].read_bytes() == before[path]
+    table2 = (workdir / "reports/table2.md").read_text()
+    assert "stale" not in table2.split("Paper: the paper's value")[0]
+    build = json.loads((workdir / "reports/build.json").read_text())
+    assert build["stale"] == {} and build["finished"] == 4
+    assert "Nothing to be done" in run(["snakemake", "-n"], workdir).stdout
+    status = run(["mpvg", "status"], workdir)
+    assert status.returncode == 0 and "T2: 4 finished" in status.stdout, status.stdout
+
+
+def interrupt_dag(repo: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start the small DAG and send ``sig`` to Snakemake once the first run has finished."""
+    import signal as _signal  # noqa: F401
+
+    from conftest import tool_env
+
+    proc = subprocess.Popen(["snakemake", "--cores", "2"], cwd=repo, env=tool_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while not list((repo / "runs/train").glob("*/seed0/result.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no run finished"
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=300)[0]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig_name", ["SIGINT", "SIGKILL"])
+def test_the_same_command_completes_an_interrupted_dag(workdir, sig_name):
+    """Ctrl-C or a kill of Snakemake mid-run: the same command completes the DAG, keeps every
+    result that had finished and trains none of them again. After SIGKILL the start-up check
+    names the exact unlock command; the jobs saw their parent die and stopped."""
+    import signal
+
+    small_grid(workdir)
+    stopped = interrupt_dag(workdir, getattr(signal, sig_name))
+    assert stopped.returncode != 0
+    time.sleep(3)  # jobs of a killed Snakemake notice their parent is gone at their next step
+    done = {p: d for p, d in results(workdir).items()}
+    assert done
+    again = run(["snakemake", "--cores", "2"], workdir, timeout=900)
+    if sig_name == "SIGKILL" and again.returncode != 0:
+        assert "Remove it with\n    snakemake --unlock --cores 2" in again.stdout, again.stdout[-3000:]
+        unlock = run(["snakemake", "--unlock", "--cores", "2"], workdir)
+        assert unlock.returncode == 0, unlock.stdout[-2000:]
+        again = run(["snakemake", "--cores", "2"], workdir, timeout=900)
+    assert again.returncode == 0, again.stdout[-4000:]
+    final = results(workdir)
+    assert len(final) == 4
+    for path, data in done.items():  # finished before the interruption: byte for byte the same
+        assert final[path] == data, path
+        assert (workdir / path).parent.joinpath("log.txt").read_text().count(" INFO training ") == 1  # trained once
+    assert "Nothing to be done" in run(["snakemake", "-n"], workdir).stdout

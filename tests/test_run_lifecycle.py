@@ -6,6 +6,7 @@ Same tiny DeiT-S and data as test_training.py (CPU, one thread per process)."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -345,3 +346,59 @@ def test_out_below_a_regular_file_is_a_message(reference, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"cannot create the run folder {blocker / 'run'}: {blocker} is a file, not a folder" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_deleted_result_of_a_finished_run_comes_back_from_its_kept_copy(reference, tmp_path):
+    """Snakemake and DVC delete a job's result.json before they run it again: a run that had
+    finished with these settings gets it back as it was, without evaluating or training."""
+    params, ref_run, _ = reference
+    out = finished_copy(ref_run, tmp_path / "run")
+    before = (out / "result.json").read_bytes()
+    (out / "result.json").unlink()
+    result = train_in_process(params, out)
+    assert (out / "result.json").read_bytes() == before and result["signature"] == json.loads(before)["signature"]
+    log = (out / "log.txt").read_text()
+    assert "restored from .result.kept.json" in log and log.count(" INFO training ") == 1
+
+
+def test_status_shows_running_interrupted_stale_and_pending_runs(reference, tiny_data, tmp_path):
+    """`mpvg status` on a folder with one finished run, one being written (its lock held), one
+    interrupted (checkpoint, no result) and one of other settings."""
+    import yaml
+
+    from mpvg.cli import main
+    params, ref_run, _ = reference
+    raw = yaml.safe_load(params.read_text())
+    raw["paths"]["runs"] = str(tmp_path / "runs")
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    runs = tmp_path / "runs" / "train"
+    finished_copy(ref_run, runs / CELL / "seed0")
+    other = finished_copy(ref_run, runs / "in1k-deit_s-pvg" / "seed0")  # a result of another cell: stale
+    interrupted = runs / "in1k-deit_s-lape" / "seed0"
+    interrupted.mkdir(parents=True)
+    shutil.copy(ref_run / "checkpoint.pt", interrupted / "checkpoint.pt")
+    busy = runs / "in1k-deit_s-default" / "seed0"
+    busy.mkdir(parents=True)
+    (busy / "metrics.jsonl").write_text(json.dumps({"event": "metrics", "step": 2, "metrics": {}}) + "\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from mpvg.training.runfolder import FolderLock; "
+                               f"FolderLock(Path({str(busy)!r})).acquire(); print('held', flush=True); time.sleep(60)"],
+                              env=cli_env(), stdout=subprocess.PIPE, text=True)  # POSIX locks are per process
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["status", "--params", str(p)]) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    text = buf.getvalue()
+    assert re.search(r"T1: 1 finished, 1 running, 1 interrupted, 1 stale, \d+ pending", text), text
+    assert f"running     in1k-deit_s-default seed0  epoch 2/{EPOCHS} (pid {holder.pid} on " in text
+    assert f"interrupted in1k-deit_s-lape seed0  epoch 0/{EPOCHS} resumes from its checkpoint" in text
+    assert 'stale       in1k-deit_s-pvg seed0' in text and 'cell: "in1k-deit_s-mpvg" -> "in1k-deit_s-pvg"' in text
+    assert other.exists()

@@ -18,10 +18,10 @@ from conftest import SLURM_SCRIPT as SCRIPT, run, tool_env
 pytestmark = pytest.mark.slurm
 
 TEST_OVERRIDES = [
-    "--profile", "slurm", "--config", "scale=tiny",
+    "--profile", "slurm", "--config", "scale=tiny", "cluster=test",
     # the one place a user sets the partition, overridden here with small sizes for CI
     "--default-resources", "slurm_partition=debug", "runtime=20", "mem_mb=1500",
-    "slurm_extra='--signal=USR1@300'",
+    "slurm_extra='--signal=TERM@300'",
     "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs", "--jobs", "2",
 ]
 
@@ -52,7 +52,7 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
 def test_tiny_slice_runs_through_sbatch(slurm_cluster, workdir):
     """Tiny data + one training cell as two SLURM jobs; a second run has nothing to do."""
     target = "runs/train/c100-vit_lite-mpvg/seed0/result.json"
-    code, log = snakemake_on_slurm(workdir, "--config", "scale=tiny",
+    code, log = snakemake_on_slurm(workdir, "--config", "scale=tiny", "cluster=test",
                                    "set=[tiny.recipes.vit_lite_c100.epochs=1]", "--", target)
     assert code == 0, log[-4000:]
     assert (workdir / target).is_file() and (workdir / target.replace("result.json", "checkpoint.pt")).is_file()
@@ -69,14 +69,16 @@ def test_tiny_slice_runs_through_sbatch(slurm_cluster, workdir):
     assert (workdir / "mlruns.db").is_file()
 
     def dry_run(*overrides):
-        return run(["snakemake", "-n", *TEST_OVERRIDES[:2], "--config", "scale=tiny",
+        return run(["snakemake", "-n", *TEST_OVERRIDES[:2], "--config", "scale=tiny", "cluster=test",
                     f"set=[{','.join(overrides)}]", "--", target], workdir).stdout
 
-    # params trigger: another recipe changed -> nothing to do; this cell's recipe changed -> rerun
+    # the rerun rule: another recipe changed -> nothing to do; this cell's recipe changed -> rerun
     again = dry_run("tiny.recipes.vit_lite_c100.epochs=1", "tiny.recipes.t2t_c100.epochs=2")
     assert "Nothing to be done" in again, again[-2000:]
     changed = dry_run("tiny.recipes.vit_lite_c100.epochs=2")
-    assert re.search(r"rule train:(.|\n)*reason: .*[Pp]arams", changed), changed[-2000:]
+    assert re.search(r"rule train:(.|\n)*reason: .*\.snakemake/mpvg-rerun/train@c100-vit_lite-mpvg-seed0", changed), \
+        changed[-2000:]
+    assert "train@c100-vit_lite-mpvg-seed0: stale (recipe.epochs: 1 -> 2" in changed, changed[:3000]
 
 
 def test_status_polling_with_squeue(slurm_cluster, workdir):
@@ -88,8 +90,9 @@ def test_status_polling_with_squeue(slurm_cluster, workdir):
 
 @pytest.mark.slow
 def test_signal_before_the_time_limit_resumes_the_run(slurm_cluster, workdir):
-    """SIGUSR1 to a running training job (what `--signal=USR1@300` sends before the limit):
-    the run saves its checkpoint and stops, Snakemake resubmits it, and it resumes."""
+    """SIGTERM to every process of a running training job step (what the profile's
+    `--signal=TERM@300` sends before the limit): the per-job Snakemake waits, the run saves its
+    checkpoint and exits 75, Snakemake resubmits it, and it resumes. squeue names the cell and seed."""
     import time
 
     run_dir = workdir / "runs/train/c100-vit_lite-mpvg/seed0"
@@ -102,8 +105,10 @@ def test_signal_before_the_time_limit_resumes_the_run(slurm_cluster, workdir):
             assert proc.poll() is None and time.monotonic() < deadline, "training never checkpointed"
             time.sleep(1)
         jobs = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True).stdout.split("\n")
-        job_id = next(line.split()[0] for line in jobs if "rule_train" in line)
-        subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+        line = next(line for line in jobs if "rule_train" in line)
+        assert "c100-vit_lite-mpvg" in line and line.rstrip().endswith("0"), line  # the comment: cell, seed
+        job_id = line.split()[0]
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
         out, _ = proc.communicate(timeout=300)
     except BaseException:
         proc.send_signal(signal.SIGINT)
@@ -113,4 +118,6 @@ def test_signal_before_the_time_limit_resumes_the_run(slurm_cluster, workdir):
     assert "Trying to restart job" in out
     assert len(slurm_job_ids(out)) == 3  # data, train, train again
     assert (run_dir / "result.json").is_file()
-    assert "resumed from" in "".join(p.read_text() for p in workdir.glob(".snakemake/slurm_logs/rule_train/**/*.log"))
+    assert "resumed from" in (run_dir / "log.txt").read_text()
+    ends = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event": "end"' in line]
+    assert '"KILLED"' in ends[0] and '"FINISHED"' in ends[-1]  # stopped by the signal, then finished

@@ -398,8 +398,15 @@ def test_report_command_logs_one_run_with_the_tables(tmp_path, monkeypatch):
                  "--out", str(out)]) == 0
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("mpvg")
-    (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.run_name == "report" and run.data.tags["stage"] == "report" and run.info.status == "FINISHED"
+    runs = client.search_runs([exp.experiment_id])
+    (run,) = [r for r in runs if r.info.run_name == "report"]
+    assert run.data.tags["stage"] == "report" and run.info.status == "FINISHED"
+    # the claims' verdicts: their counts on the report run, one nested run per claim
+    from mpvg.reporting.claims import load_claims
+
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+    assert len(children) == len(load_claims().claims) == len(runs) - 1
+    assert run.data.metrics["claims_n_pending"] == len(children)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"README.md", "table1.md", "table1.tex", "tables.md"} <= artifacts
     assert artifacts == {p.name for p in out.iterdir() if p.is_file()}

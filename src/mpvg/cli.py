@@ -35,9 +35,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
      "ADE20K semantic segmentation with UperNet on a ViT-Adapter-Ti of each PE method (Table 4)"),
     ("analyze", "mpvg.analysis.commands", "draw Figures 2, 4, 6, 7, 8 from checkpoints (PNG + PDF) and analysis.json"),
     ("report", "mpvg.reporting.commands", "write the paper's tables (Markdown + LaTeX) from runs/**/result.json"),
+    ("cells", "mpvg.workflow.commands", "list the cells of the grid (id, stage, tables, start point, resources)"),
     ("status", "mpvg.workflow.commands",
      "where the DAG stands: finished, running (epoch k of n), stale, pending runs per table"),
-    ("cells", "mpvg.workflow.commands", "list the cells of the grid (id, stage, tables, start point, resources)"),
     ("workflow", "mpvg.workflow.commands", "the job plan behind the Snakefile and dvc.yaml"),
 )
 DESCRIPTION = ("Rebuild the results of MPVG (AAAI 2025): models, training, downstream tasks, analysis "

@@ -42,8 +42,9 @@ os.environ["MPVG_STOP_WITH_PARENT"] = "1"
 if config.get("cluster") == "slurm" and P["scale"] == "tiny":
     raise WorkflowError(
         "the slurm profile would submit tiny-scale jobs (generated data, CPU) to the cluster: scale is "
-        f"'tiny' in {PARAMS_FILE} and no scale was given. Keep the profile's scale (do not pass "
-        "--config scale=tiny) or run the tiny scale locally: snakemake --cores 2")
+        f"'tiny'. Keep the profile's scale (do not pass --config scale=tiny), choose "
+        "--config scale=paper|budget, or run the tiny scale locally: snakemake --cores 2 (on a test "
+        "cluster, --config cluster=test allows it)")
 
 wildcard_constraints:
     cell=r"[a-z0-9_]+(-[a-z0-9_]+)+",
@@ -65,16 +66,39 @@ if PLANNING:
             TRIGGERS[key] = wf.trigger_path(P, job)
             Path(TRIGGERS[key]).parent.mkdir(parents=True, exist_ok=True)
             Path(TRIGGERS[key]).write_text(f"{st.status}: " + "; ".join(st.reasons) + "\n")
-    todo = wf_state.summary(STATES)
-    if todo:
-        print(f"mpvg: {len(todo)} of {len(STATES)} jobs must run (the others are current):", file=sys.stderr)
-        for line in todo[:12]:
+    must = sum(st.needs_run for st in STATES.values())
+    if must:
+        print(f"mpvg: {must} of {len(STATES)} jobs must run (the others are current; `mpvg status` lists them):",
+              file=sys.stderr)
+        for line in wf_state.summary(STATES):
             print(f"  {line}", file=sys.stderr)
-        if len(todo) > 12:
-            print(f"  ... and {len(todo) - 12} more (`mpvg status` lists them)", file=sys.stderr)
 
 
 PRODUCER = {out: key for key, job in JOBS.items() for out in job.outs}
+
+
+def clear_incomplete_markers():
+    """Snakemake marks a job's outputs incomplete when it starts the job and unmarks them when it
+    sees the job end; an interrupted Snakemake leaves the marks. mpvg's outputs need none: a
+    result.json is written last and atomically, so one that exists is complete (the rerun rule
+    above says whether it is current), and a job whose output is not current runs anyway. Left
+    in place, the marks make Snakemake stop (IncompleteFilesException) or, with
+    --rerun-incomplete, run only those jobs and skip the rest of the DAG as if it were done.
+    (Snakemake 9's file persistence: .snakemake/incomplete/<urlsafe base64 of the path>.)"""
+    import base64
+
+    folder = Path(".snakemake/incomplete")
+    if not folder.is_dir():
+        return
+    for job in JOBS.values():
+        for out in job.outs:
+            marker = folder / base64.urlsafe_b64encode(out.encode()).decode()
+            if Path(out).exists() and marker.is_file():
+                marker.unlink()
+
+
+if PLANNING:
+    clear_incomplete_markers()
 
 
 def job_inputs(job):
@@ -108,7 +132,7 @@ def stale_snakemake_lock():
     return "snakemake --unlock " + " ".join(shlex.quote(a) for a in args)
 
 
-if PLANNING:
+if PLANNING and "--unlock" not in sys.argv:
     _unlock = stale_snakemake_lock()
     if _unlock and not DRY_RUN:
         raise WorkflowError(
@@ -190,9 +214,10 @@ onstart:
     # written by an earlier job; then create the MLflow store once for all jobs.
     slurm = executor_name() == "slurm"
     problems = preflight.problems(P, slurm_rules_without_partition=jobs_without_partition() if slurm else [])
-    if slurm and P["scale"] == "tiny":
+    if slurm and P["scale"] == "tiny" and config.get("cluster") != "test":
         problems.append("scale is 'tiny' (generated data, CPU jobs) and the executor is slurm: use the slurm "
-                        "profile (scale paper) or --config scale=paper|budget, or run the tiny scale locally")
+                        "profile (scale paper) or --config scale=paper|budget, or run the tiny scale locally "
+                        "(on a test cluster, --config cluster=test allows it)")
     going = runs_still_going()
     if going:
         problems.append("these run folders are still being written by earlier jobs (wait for them, or stop them "

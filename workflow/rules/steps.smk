@@ -30,12 +30,14 @@ for _job in [job for job in JOBS.values() if job.target]:
             _job.rule
         input:
             job_inputs(_job),
+        log:
+            f"{RUNS}/logs/{_job.rule}.log",
         params:
             cmd=wf.Opaque(_job.shell()),
         threads: 1
         localrule: True
         shell:
-            "{params.cmd}"
+            "{params.cmd} 2>&1 | tee {log}"
 
 
 rule figures:

@@ -249,7 +249,9 @@ def set_aside(out: Path, reason: str) -> Path | None:
     dest = out / PREVIOUS_DIR / stamp
     dest.mkdir(parents=True, exist_ok=False)
     for name in present:
-        os.replace(out / name, dest / name)
+        # a result.json a workflow tool deleted before the rerun lives on in its kept copy
+        target = RESULT_NAME if name == KEPT_NAME and RESULT_NAME not in present else name
+        os.replace(out / name, dest / target)
     (dest / "REASON.txt").write_text(reason + "\n")
     return dest
 

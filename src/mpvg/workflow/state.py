@@ -182,10 +182,25 @@ def _close_over_dependents(jobs: list, states: dict, by_out: Mapping[str, object
                 st.reasons.append("checkpoint.pt is gone and a job that reads it reruns")
 
 
-def summary(states: Mapping[tuple, JobState]) -> list[str]:
-    """One line per job that must run, with its first reasons."""
-    return [f"{st.name}: {st.status}" + (f" ({'; '.join(st.reasons[:3])})" if st.reasons else "")
-            for st in states.values() if st.needs_run]
+def summary(states: Mapping[tuple, JobState], limit: int = 12) -> list[str]:
+    """What must run, most telling first: each stale job with what differs, each interrupted one,
+    then the missing ones and those that rerun because a job they depend on does, counted."""
+    must = [st for st in states.values() if st.needs_run]
+    stale = [st for st in must if st.status == "stale"]
+    unfinished = [st for st in must if st.status == "unfinished"]
+    missing = [st for st in must if st.status == "missing"]
+    downstream = [st for st in must if st.status == "current"]
+    lines = [f"{st.name}: stale ({'; '.join(st.reasons[:3])})" for st in stale[:limit]]
+    if len(stale) > limit:
+        lines.append(f"... and {len(stale) - limit} more stale")
+    lines += [f"{st.name}: interrupted, resumes" for st in unfinished[:limit]]
+    if missing:
+        names = ", ".join(st.name for st in missing[:3])
+        lines.append(f"{len(missing)} without a result yet ({names}{', ...' if len(missing) > 3 else ''})")
+    if downstream:
+        names = ", ".join(st.name for st in downstream[:3])
+        lines.append(f"{len(downstream)} because a job they depend on runs ({names}{', ...' if len(downstream) > 3 else ''})")
+    return lines
 
 
 def plan_states(params: Mapping, runs: str | Path | None = None) -> tuple[list, dict]:
