@@ -425,3 +425,25 @@ def test_report_command(tmp_path):
     (t2,) = parse_pipe_tables((tmp_path / "r" / "table2.md").read_text())
     row = [r for r in t2 if r[1] == "MPVG"][0]
     assert row[3] == "3.743" and row[4] == "+0.000" and row[6] == "12.50" and row[7] == "-64.37"  # lone: not bold
+
+
+def test_a_result_of_other_settings_is_stale_never_a_number(tmp_path, params, cells):
+    runs = tmp_path / "runs"
+    write_result(runs, "in1k-deit_ti-mpvg", 0, {"top1": 73.0}, params=params)
+    write_result(runs, "in1k-deit_ti-mpvg", 1, {"top1": 99.0})                      # no signature: stale
+    old = write_result(runs, "in1k-deit_ti-pvg", 0, {"top1": 98.0}, params=load_params(PARAMS, ["seeds=[0,1]",
+                       "tiny.recipes.deit.lr=0.5"]))                                     # made with another lr
+    assert json.loads(old.read_text())["signature"]
+    out = tmp_path / "r"
+    build_reports(params, cells, runs, out, commit="x")
+    (t1,) = parse_pipe_tables((out / "table1.md").read_text())
+    deit = {r[1]: r for r in t1[1:5]}
+    assert deit["PVG"][6] == "stale" and deit["MPVG"][6] == "73.00" and deit["MPVG"][-1] == "1/2"
+    text = (out / "table1.md").read_text()
+    assert "99.00" not in text and "98.00" not in text
+    assert "seed(s) 1 stale (made with other settings), left out of the mean" in text
+    index = (out / "README.md").read_text()
+    assert "## Stale" in index and "- `in1k-deit_ti-pvg` seed(s) 0" in index
+    build = json.loads((out / "build.json").read_text())
+    assert build["stale"] == {"in1k-deit_ti-mpvg": [1], "in1k-deit_ti-pvg": [0]}
+    assert build["result_commits"] == {"abc": 1} and build["signature"]
