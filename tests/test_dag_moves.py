@@ -316,7 +316,6 @@ def test_a_changed_recipe_reruns_to_the_report(workdir):  # about 2 minutes: the
 
 def interrupt_dag(repo: Path, sig: int) -> subprocess.CompletedProcess:
     """Start the small DAG and send ``sig`` to Snakemake once the first run has finished."""
-    import signal as _signal  # noqa: F401
 
     from conftest import tool_env
 

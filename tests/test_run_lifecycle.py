@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from test_training import (CELL, EPOCHS, assert_same_weights, cli_env, reference, start_cli,  # noqa: F401
-                           steps_per_epoch, tiny_data, train_in_process, wait_for, weights, write_params)
+                           tiny_data, train_in_process, wait_for, weights, write_params)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -133,6 +133,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.close(dir_fd)
 
 
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable or not an object
+    (a record that cannot be read counts as no record)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     """``obj`` as indented JSON at ``path``, written with :func:`atomic_open`."""
     with atomic_open(path, "w") as handle:

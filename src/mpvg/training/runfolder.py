@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from mpvg import runinfo
+from mpvg.runinfo import read_json_object
 from mpvg.signature import differences, digest
 
 log = logging.getLogger("mpvg.training")
@@ -231,13 +232,6 @@ def remove_stale_temp_files(out: Path) -> list[Path]:
     return removed
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
 
 def set_aside(out: Path, reason: str) -> Path | None:
     """Move the run's state files to ``<out>/previous/<UTC time>/``; return that folder (None if
@@ -318,11 +312,11 @@ def _decide(out: Path, inputs: dict, resume: bool, notes: list[str]) -> tuple[st
     from mpvg.training.checkpoint import load_checkpoint
 
     ckpt_path, result_path = out / "checkpoint.pt", out / RESULT_NAME
-    kept = _read_json(out / KEPT_NAME) if not result_path.exists() and (out / KEPT_NAME).exists() else None
+    kept = read_json_object(out / KEPT_NAME) if not result_path.exists() and (out / KEPT_NAME).exists() else None
     if kept is not None and ckpt_path.exists() and not differences(kept.get("signature_inputs"), inputs):
         shutil.copy2(out / KEPT_NAME, result_path)  # result.json was deleted after the run had finished
         notes.append(f"{result_path}: restored from {KEPT_NAME} (the run had finished with these settings)")
-    result = _read_json(result_path) if result_path.exists() else None
+    result = read_json_object(result_path) if result_path.exists() else None
     ckpt = None
     if ckpt_path.exists():
         if not resume:
@@ -401,7 +395,7 @@ def open_run(out: str | os.PathLike, inputs: dict, device: str = "auto", resume:
             elif decision == "resume":
                 run.resume = ckpt if ckpt is not None else load_checkpoint(run.checkpoint_path, map_location="cpu")
             elif decision == "finished":
-                run.finished = _read_json(out / RESULT_NAME)
+                run.finished = read_json_object(out / RESULT_NAME)
                 log.info("%s: already finished with these settings (signature %s); nothing to do",
                          out / RESULT_NAME, run.signature)
             yield run

@@ -21,12 +21,12 @@ Torch-free and cheap: a JSON read per run; Snakemake calls it while it plans.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from mpvg.config import resolve_run
+from mpvg.runinfo import read_json_object
 from mpvg.signature import aggregate_inputs, cell_inputs, differences, digest
 
 AGGREGATE_RECORD = {"analyze": "analysis.json", "report": "build.json"}
@@ -54,13 +54,6 @@ class JobState:
     def current(self) -> bool:
         return self.status == "current"
 
-
-def _read(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def record_path(job) -> Path:
@@ -110,7 +103,7 @@ def _cell_state(params: Mapping, job, parent_states: list[JobState]) -> JobState
     sig = digest(inputs)
     out = Path(job.outs[0])
     ckpt_missing = not (out.parent / "checkpoint.pt").exists()
-    record = _read(out) if out.exists() else None
+    record = read_json_object(out) if out.exists() else None
     if record is None:
         if (out.parent / "checkpoint.pt").exists():
             return JobState(job.rule, job.key, "unfinished", ["no result.json yet (interrupted; it resumes)"], sig,
@@ -145,7 +138,7 @@ def _aggregate_state(params: Mapping, job, parent_states: list[JobState]) -> Job
     missing = [out for out in job.outs if not Path(out).exists()]
     if missing:
         return JobState(job.rule, job.key, "missing", [f"{m} is missing" for m in missing], sig)
-    record = _read(record_path(job)) or {}
+    record = read_json_object(record_path(job)) or {}
     diffs = differences(record.get("signature_inputs"), expected)
     if diffs:
         return JobState(job.rule, job.key, "stale", diffs, sig, record.get("signature"))
