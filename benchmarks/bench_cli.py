@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = (["--help"], ["cells"], ["workflow", "cost"], ["workflow", "plan"], ["data", "check"])
+COMMANDS = (["--help"], ["cells"], ["workflow", "cost"], ["workflow", "plan"], ["data", "check"], ["status"])
 REFERENCES = {"python -c pass": ["-c", "pass"], "python -c 'import torch'": ["-c", "import torch"]}
 
 

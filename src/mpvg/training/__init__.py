@@ -1,7 +1,9 @@
-"""Training of the classification cells: the loop (:mod:`.engine`), checkpoints
-(:mod:`.checkpoint`), process groups (:mod:`.distributed`) and the ``mpvg train`` /
-``mpvg eval`` / ``mpvg tracking`` commands (:mod:`.commands`). See docs/training.md."""
+"""Training of the classification cells: the loop (:mod:`.engine`), the run folder's life cycle
+shared with downstream training (:mod:`.runfolder`), one process per GPU (:mod:`.launch`),
+checkpoints (:mod:`.checkpoint`), process groups (:mod:`.distributed`) and the ``mpvg train`` /
+``mpvg eval`` / ``mpvg launch`` / ``mpvg tracking`` commands (:mod:`.commands`). See docs/training.md."""
 
-#: Exit code of a run stopped by SIGTERM/SIGUSR1 after saving its checkpoint: requeue it and
-#: the same command resumes (SLURM: ``--signal=B:USR1@120`` plus requeue on this code).
+#: Exit code of a run stopped by a stop request (SIGTERM, SIGUSR1, SIGINT, its parent gone) after
+#: saving its checkpoint: requeue it and the same command resumes. The slurm profile asks SLURM
+#: for ``--signal=TERM@300`` (docs/training.md, "Preemption").
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): temporary failure, retry
