@@ -196,15 +196,14 @@ def jobs_without_partition():
 def runs_still_going():
     """Jobs about to run whose run folder another process still writes (e.g. a SLURM job left by a
     Snakemake that was killed): starting them would fail on the folder's lock."""
-    from mpvg.training.runfolder import lock_holder
+    from mpvg.training.runfolder import holder_text, lock_holder
 
     out = []
     for job in workflow.dag.needrun_jobs():
         for f in job.output:
             holder = lock_holder(Path(str(f)).parent)
             if holder:
-                out.append(f"{Path(str(f)).parent}: pid {holder.get('pid')} on {holder.get('host')}"
-                           + (f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""))
+                out.append(f"{Path(str(f)).parent}: {holder_text(holder)}")
     return sorted(set(out))
 
 

@@ -144,7 +144,12 @@ def run_logging(out_dir: Path | None, is_main: bool):
 
 
 # ------------------------------------------------------------------------------ lock
-def _holder_text(info: Mapping[str, Any]) -> str:
+#: How a lock holder records when it started (UTC), in ``.lock``.
+STARTED_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
+
+
+def holder_text(info: Mapping[str, Any]) -> str:
+    """Who holds a run folder's lock, for a message: pid and host, SLURM job, since when."""
     parts = [f"pid {info.get('pid')} on {info.get('host')}"]
     if info.get("slurm_job_id"):
         parts.append(f"SLURM job {info['slurm_job_id']}")
@@ -200,11 +205,11 @@ class FolderLock:
                 info = {}
             os.close(fd)
             raise RunLockedError(
-                f"{self.path.parent} is being written by another run ({_holder_text(info)}); one writer per "
+                f"{self.path.parent} is being written by another run ({holder_text(info)}); one writer per "
                 "run folder: wait for it to end, or stop it (kill / scancel), then run the same command again"
             ) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": runinfo.slurm_job_id(),
-                "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                "started": _dt.datetime.now(_dt.timezone.utc).strftime(STARTED_FORMAT),
                 "argv": sys.argv}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)

@@ -10,13 +10,13 @@ model of :mod:`mpvg.workflow.plan`); the MLflow run of each run.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
-from mpvg.config import resolve_run
+from mpvg.config import expand_cells, resolve_run
 
 ORDER = ("T1", "T2", "T3", "T4", "T5", "T6", "F1", "F5", "C1")
 STATES = ("finished", "running", "interrupted", "stale", "pending")
@@ -38,17 +38,14 @@ class RunStatus:
 
 
 def _journal(path: Path) -> list[dict]:
-    events = []
+    """The run's journal events; none when it has no journal yet or one that cannot be read
+    (read_journal already leaves out the torn last line of a killed job)."""
+    from mpvg.tracking import read_journal
+
     try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return events
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line of a killed job
-    return events
+        return read_journal(path)
+    except (OSError, ValueError):
+        return []
 
 
 def _total(params: Mapping, cell: str) -> tuple[str, int]:
@@ -62,11 +59,10 @@ def _total(params: Mapping, cell: str) -> tuple[str, int]:
 
 def run_statuses(params: Mapping) -> list[RunStatus]:
     """The status of every run of the plan of ``params``."""
-    from mpvg.training.runfolder import lock_holder
+    from mpvg.runinfo import read_json_object
+    from mpvg.training.runfolder import STARTED_FORMAT, lock_holder
     from mpvg.workflow.plan import cell_resources, paper_gpu_hours
     from mpvg.workflow.state import plan_states
-
-    from mpvg.config import expand_cells
 
     jobs, states = plan_states(params)
     grid = expand_cells(params)
@@ -87,10 +83,7 @@ def run_statuses(params: Mapping) -> list[RunStatus]:
         holder = lock_holder(folder)
         if st.current:
             rs.state = "finished"
-            try:
-                record = json.loads(Path(job.outs[0]).read_text())
-            except (OSError, ValueError):
-                record = {}
+            record = read_json_object(job.outs[0]) or {}
             rs.gpu_hours = float(record.get("gpu_hours") or 0.0)
             rs.mlflow_run_id = record.get("mlflow_run_id") or rs.mlflow_run_id
             rs.planned_hours = 0.0
@@ -102,7 +95,7 @@ def run_statuses(params: Mapping) -> list[RunStatus]:
             started = holder.get("started")
             if started:
                 try:
-                    t0 = time.mktime(time.strptime(started, "%Y-%m-%d %H:%M:%S UTC")) - time.timezone
+                    t0 = datetime.strptime(started, STARTED_FORMAT).replace(tzinfo=timezone.utc).timestamp()
                     rs.gpu_hours = max(0.0, time.time() - t0) * gpus / 3600.0
                 except ValueError:
                     pass
@@ -121,6 +114,8 @@ def run_statuses(params: Mapping) -> list[RunStatus]:
 
 def render(params: Mapping, statuses: list[RunStatus], show_all: bool = False) -> str:
     """Per table: counts, then every run that is not finished (all with ``show_all``)."""
+    from mpvg.training.runfolder import holder_text
+
     gpu = params["scale"] != "tiny"
     lines = [f"mpvg status: scale {params['scale']}, seeds {list(params['seeds'])}, {len(statuses)} runs"]
     tables = [t for t in ORDER if any(t in s.tables for s in statuses)]
@@ -137,10 +132,7 @@ def render(params: Mapping, statuses: list[RunStatus], show_all: bool = False) -
                 continue
             extra = s.progress
             if s.state == "running":
-                who = f"pid {s.holder.get('pid')} on {s.holder.get('host')}"
-                if s.holder.get("slurm_job_id"):
-                    who += f", SLURM job {s.holder['slurm_job_id']}"
-                extra = f"{s.progress} ({who})"
+                extra = f"{s.progress} ({holder_text(s.holder)})"
             elif s.why:
                 extra = f"{s.progress} {s.why}".strip()
             mlflow = f"  mlflow {s.mlflow_run_id}" if s.mlflow_run_id else ""
