@@ -121,20 +121,21 @@ def test_verdicts_on_constructed_values(cells):
     assert (v.sd, v.seeds_needed, v.diff) == (None, None, 1.0)
 
 
-def test_claims_metrics_flat_dict(cells):
+def test_claims_metrics_counts_and_per_claim_values(cells):
     claim_set = C.load_claims()
     res = _results({"in1k-deit_ti-mpvg": [73.4, 73.5, 73.6], "in1k-deit_ti-pvg": [73.0, 73.1, 73.2]})
     verdicts = C.judge_all(claim_set, cells, res, "tiny")
-    m = C.claims_metrics(verdicts)
-    key = "claims.t1-deit_ti-mpvg-vs-pvg"
-    assert m[f"{key}.verdict"] == 1.0 and m[f"{key}.paper"] == 0.34 and m[f"{key}.diff"] == pytest.approx(0.4)
-    assert m[f"{key}.ci_low"] == pytest.approx(0.4 - T_975_DF4 * math.sqrt(2 * 0.01 / 3))
+    counts, per_claim = C.claims_metrics(verdicts)
+    m = per_claim["t1-deit_ti-mpvg-vs-pvg"]
+    assert m["verdict"] == 1.0 and m["paper"] == 0.34 and m["diff"] == pytest.approx(0.4)
+    assert m["ci_low"] == pytest.approx(0.4 - T_975_DF4 * math.sqrt(2 * 0.01 / 3))
     # observed sd 0.1: n = 3, df 4: (2.7764 + 0.9410) * 0.1 * sqrt(2/3) = 0.3035 <= 0.34 (n = 2: 0.536)
-    assert (m[f"{key}.n_a"], m[f"{key}.n_b"], m[f"{key}.seeds_needed"]) == (3.0, 3.0, 3.0)
-    assert "claims.t1-deit_ti-mpvg-vs-lape.verdict" not in m                 # pending: no verdict value
-    assert m["claims.n_holds"] == 1.0 and m["claims.n_pending"] == len(verdicts) - 1
-    assert m["claims.n_not_resolved"] == m["claims.n_contradicted"] == 0.0
-    assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
+    assert (m["n_a"], m["n_b"], m["seeds_needed"]) == (3.0, 3.0, 3.0)
+    assert "verdict" not in per_claim["t1-deit_ti-mpvg-vs-lape"]           # pending: no verdict value
+    assert counts["claims_n_holds"] == 1.0 and counts["claims_n_pending"] == len(verdicts) - 1
+    assert counts["claims_n_not_resolved"] == counts["claims_n_contradicted"] == 0.0
+    values = [*counts.values(), *(v for claim in per_claim.values() for v in claim.values())]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in values)
 
 
 # --------------------------------------------------------------------------- the claims file

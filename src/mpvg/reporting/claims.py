@@ -220,21 +220,22 @@ def judge_all(claim_set: ClaimSet, cells: dict, results: dict, scale: str = "?")
     return [judge(c, cells, results, claim_set.priors, scale) for c in claim_set.claims]
 
 
-def claims_metrics(verdicts: list[Verdict]) -> dict[str, float]:
-    """The verdicts as a flat dict of MLflow metrics (the report's run logs them):
-    ``claims.<id>.{paper,diff,ci_low,ci_high,verdict,seeds_needed,n_a,n_b}`` where defined
-    (verdict: holds 1, not resolved 0, contradicted -1; a pending claim has none), and
-    ``claims.n_<verdict>`` counts."""
-    out: dict[str, float] = {}
+def claims_metrics(verdicts: list[Verdict]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The verdicts as MLflow metrics (the report's run logs them): the counts
+    ``claims_n_<verdict>`` for the report's run, and per claim id the values of its nested run,
+    ``{paper, diff, ci_low, ci_high, verdict, seeds_needed, n_a, n_b}`` where defined (verdict:
+    holds 1, not resolved 0, contradicted -1; a pending claim has none)."""
+    per_claim: dict[str, dict[str, float]] = {}
     for v in verdicts:
-        key = f"claims.{v.claim.id}"
         values = {"paper": v.claim.paper, "diff": v.diff, "ci_low": v.low, "ci_high": v.high,
                   "verdict": VERDICT_CODES.get(v.verdict), "seeds_needed": v.seeds_needed,
                   "n_a": v.n_a, "n_b": v.n_b}
-        out.update({f"{key}.{name}": float(x) for name, x in values.items() if x is not None})
-    for verdict in VERDICTS:
-        out[f"claims.n_{verdict.replace(' ', '_')}"] = float(sum(v.verdict == verdict for v in verdicts))
-    return out
+        defined = {name: float(x) for name, x in values.items() if x is not None}
+        if defined:
+            per_claim[v.claim.id] = defined
+    counts = {f"claims_n_{verdict.replace(' ', '_')}": float(sum(v.verdict == verdict for v in verdicts))
+              for verdict in VERDICTS}
+    return counts, per_claim
 
 
 # --------------------------------------------------------------------------- the page
@@ -357,7 +358,7 @@ INDEX_ENTRY = Table("claims", "Verdicts on the paper's claims (claims.md, claims
 
 
 def write_claims(params: dict, cells: dict, results: dict, out_dir: Path | str,
-                 path: Path | str = CLAIMS_FILE) -> tuple[list[Path], dict[str, float]]:
+                 path: Path | str = CLAIMS_FILE) -> tuple[list[Path], tuple[dict, dict]]:
     """Write ``claims.md``, ``claims.tex`` (a standalone document) and ``claims.json`` under
     ``out_dir`` from these results (one scale's); return the paths and :func:`claims_metrics`."""
     import json

@@ -36,14 +36,6 @@ def run_report(args: argparse.Namespace) -> int:
 
         # the tables as artifacts of one MLflow run, the claims' verdict counts as its metrics and
         # one nested run per claim with its difference, CI and verdict (a failing store: a warning)
-        counts, per_claim = {}, {}
-        for key, value in getattr(written, "metrics", {}).items():
-            _, rest = key.split(".", 1)
-            claim, _, name = rest.rpartition(".")
-            if claim:
-                per_claim.setdefault(claim, {})[name] = value
-            else:
-                counts[f"claims_{name}"] = value
-        log_report(params, counts, written, children=per_claim)
+        log_report(params, written.metrics, written, children=written.children)
         print(f"mpvg report: wrote {len(written)} files to {out} (index: {out}/README.md)")
     return 0

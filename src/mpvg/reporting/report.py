@@ -29,9 +29,12 @@ FRAGMENT_NOTE = "A fragment for \\input: needs \\usepackage{booktabs,longtable};
 
 
 class ReportFiles(list):
-    """The files ``build_reports`` wrote; ``metrics``: the claims' verdicts as flat MLflow metrics."""
+    """The files ``build_reports`` wrote; ``metrics``: the counts of the claims' verdicts for the
+    report's MLflow run, ``children``: each claim's values for its nested run
+    (:func:`mpvg.reporting.claims.claims_metrics`)."""
 
     metrics: dict = {}
+    children: dict = {}
 
 
 def params_hash(params: dict) -> str:
@@ -191,7 +194,7 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
         written.append(_write(out / f"{t.name}.tex", latex_comment(f"{notice}\n{FRAGMENT_NOTE}") + render_latex(t)))
     written.append(_write(out / "tables.tex", latex_document(tables, notice)))
     written.append(_write(out / "tables.md", render_markdown_page(tables, notice, heading="All tables")))
-    claim_files, written.metrics = write_claims(params, cells, results, out)  # claims.md, .tex, .json
+    claim_files, (written.metrics, written.children) = write_claims(params, cells, results, out)  # claims.md, .tex, .json
     written += claim_files
 
     meta = {
