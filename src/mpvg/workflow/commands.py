@@ -98,10 +98,11 @@ def _params(args):
         raise SystemExit(2) from None
 
 
-def _plan(args):
+def _plan(args, params=None):
+    """The job plan of ``params`` (default: the params of ``args``)."""
     from mpvg.workflow.plan import build_plan
 
-    return build_plan(_params(args), args.params, args.overrides)
+    return build_plan(_params(args) if params is None else params, args.params, args.overrides)
 
 
 def cmd_cells(args: argparse.Namespace) -> int:
@@ -161,15 +162,16 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_signatures(args: argparse.Namespace) -> int:
+def _write_settings_files(params, jobs) -> None:
+    """Each run's settings file (DVC's per-run dependency); one whose content is unchanged is not
+    rewritten, so DVC sees no change."""
     import json
     from pathlib import Path
 
     from mpvg.workflow.state import run_settings
 
-    params = _params(args)
     changed = 0
-    settings = run_settings(params, _plan(args))
+    settings = run_settings(params, jobs)
     for path, value in settings.items():
         text = json.dumps(value, indent=2, sort_keys=True) + "\n"
         file = Path(path)
@@ -178,25 +180,30 @@ def cmd_signatures(args: argparse.Namespace) -> int:
             file.write_text(text)
             changed += 1
     print(f"mpvg workflow signatures: {len(settings)} runs, {changed} settings file(s) changed")
+
+
+def cmd_signatures(args: argparse.Namespace) -> int:
+    params = _params(args)
+    _write_settings_files(params, _plan(args, params))
     return 0
 
 
 def cmd_dvc_commit(args: argparse.Namespace) -> int:
+    import json
     import shutil
     import subprocess
+    from pathlib import Path
 
     from mpvg.workflow.state import job_states
-
-    from pathlib import Path
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     if not Path(dvc).is_file():
         print("mpvg workflow dvc-commit: no `dvc` on PATH or beside this Python", file=sys.stderr)
         return 2
-    if cmd_signatures(args):
-        return 1
-    jobs = _plan(args)
-    states = job_states(_params(args), jobs)
+    params = _params(args)
+    jobs = _plan(args, params)
+    _write_settings_files(params, jobs)
+    states = job_states(params, jobs)
     current = [j for j in jobs if not j.target and states[(j.rule, j.key)].current]
     done_outs = {o for j in current for o in j.outs}
     targets = [j for j in jobs if j.target and all(d in done_outs for d in j.deps)]  # their runs are done
@@ -204,8 +211,6 @@ def cmd_dvc_commit(args: argparse.Namespace) -> int:
     # only what dvc.lock does not have yet (hashing every checkpoint again costs a minute at the tiny scale)
     status = subprocess.run([dvc, "status", "--json"], capture_output=True, text=True)  # all stages: fast
     if status.returncode == 0:
-        import json
-
         changed = set(json.loads(status.stdout or "{}"))
         names = [n for n in names if n in changed]
     if not names:
