@@ -28,7 +28,15 @@ def run_report(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     runs = args.runs or params["paths"]["runs"]
     out = args.out or params["paths"]["reports"]
-    written = build_reports(params, expand_cells(params), runs, out, params_path=args.params, only=args.only)
+    cells = expand_cells(params)
+    gpu_hours = None
+    if params["scale"] in ("paper", "budget"):
+        # the claims page prices each claim's next round with the workflow's cost model, handed in
+        # here so that the reporting package itself does not import the workflow
+        from mpvg.workflow.plan import paper_gpu_hours
+
+        gpu_hours = {cid: paper_gpu_hours(params, cell) for cid, cell in cells.items()}
+    written = build_reports(params, cells, runs, out, params_path=args.params, only=args.only, gpu_hours=gpu_hours)
     if args.only:
         print(f"mpvg report: wrote {', '.join(str(p) for p in written)}")
     else:
