@@ -422,6 +422,6 @@ def test_report_writes_the_claims_pages(tmp_path, params, cells):
     text = (tmp_path / "one-reports" / "claims.md").read_text()
     assert f"0 holds, 0 contradicted, 0 futile, 0 not resolved, 0 flagged, 0 diverged, {n_claims} pending" in text
     assert "with fewer than 3 seeds per cell every verdict is pending" in text
-    assert "the runs report no GPU-hours, so none per GPU-hour" in text
+    assert "the runs report no GPU-hours (CPU runs, or none reported), so none per GPU-hour" in text
     assert ("| MPVG > PVG (DeiT-Ti) | top1 | +0.34 | +0.40 | — | — | 1/1 | 0 of 3 (N=32, prior sd 0.43) | "
             "pending: < 3 seeds | — | +2/+2 seeds, 0.0 GPU-h |") in text

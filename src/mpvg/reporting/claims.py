@@ -440,7 +440,7 @@ def summary_line(verdicts: list[Verdict], gpu_hours_spent: Optional[float]) -> s
         bought = (f"{resolved} resolved (holds or contradicted) for {gpu_hours_spent:.1f} GPU-h of the reported "
                   f"runs: {resolved / gpu_hours_spent:.3f} claims per GPU-hour")
     else:
-        bought = f"{resolved} resolved (holds or contradicted); the runs report no GPU-hours, so none per GPU-hour"
+        bought = f"{resolved} resolved (holds or contradicted); the runs report no GPU-hours (CPU runs, or none reported), so none per GPU-hour"
     return f"{len(verdicts)} claims: {counts}. {bought}; {adjusted} still resolved after Holm within each table."
 
 
