@@ -196,6 +196,7 @@ def test_edges(cells):
     # on one side only: flagged as well, naming that cell
     v = J(_results({MPVG: [75.0, 75.0, 75.0], PVG: [73.0, 73.1, 73.2]}), MPVG, PVG)
     assert v.verdict == "flagged" and f"seeds of {MPVG}:" in v.reason
+    assert C._next_text(v) == "fix the seeding first" and v.final                # no planned round for it
     # diverged seeds (NaN, or no value) are counted and shown; the finite ones are judged
     v = J(_results({MPVG: [73.4, float("nan"), 73.5, 73.6], PVG: [73.1, 73.3, "missing", 73.5]}), MPVG, PVG)
     assert (v.verdict, v.label, v.diverged, v.n_a, v.n_b) == ("futile", "futile (2 diverged)", (1, 1), 3, 3)

@@ -90,6 +90,16 @@ def test_greedy_takes_the_claims_that_share_cells():
     assert N.propose(steps, {}, _cells("X", "Y", "Z", "W", "V"), {c: 10.0 for c in "XYZWV"}, 1.0).steps == []
 
 
+def test_planned_seeds_replace_a_matching_pattern_by_its_cells():
+    params = load_params(PARAMS, ["scale=budget", "seeds_per_cell={c100-vit_lite-*: [0, 1], in1k-t2t_vit_7-mpvg: [0, 5]}"])
+    cells = expand_cells(params)
+    merged = N.merged_seeds_per_cell(params, cells, {"c100-vit_lite-pvg": [0, 1, 2]})
+    assert merged == {"c100-vit_lite-default": [0, 1], "c100-vit_lite-lape": [0, 1], "c100-vit_lite-mpvg": [0, 1],
+                      "in1k-t2t_vit_7-mpvg": [0, 5], "c100-vit_lite-pvg": [0, 1, 2]}
+    p = load_params(PARAMS, ["scale=budget", f"seeds_per_cell={N._flow(merged)}"])
+    assert cell_seeds(p, expand_cells(p))["c100-vit_lite-pvg"] == [0, 1, 2]
+
+
 def test_next_rounds_from_constructed_results():
     params = load_params(PARAMS, ["scale=budget", "seeds=[0,1,2]"])
     cells = expand_cells(params)

@@ -424,6 +424,8 @@ def _round_text(v: Verdict) -> str:
 
 
 def _next_text(v: Verdict) -> str:
+    if v.verdict == FLAGGED:
+        return "fix the seeding first"
     if v.final:
         return "done"
     if v.next_seeds is None:

@@ -134,8 +134,25 @@ def _flow(mapping: Mapping[str, list]) -> str:
     return "{" + ", ".join(f"{cid}: [{', '.join(map(str, seeds))}]" for cid, seeds in mapping.items()) + "}"
 
 
+def merged_seeds_per_cell(params: Mapping, cells: Mapping, seed_lists: Mapping[str, list]) -> dict:
+    """The params' ``seeds_per_cell`` with the planned cells' lists: a pattern of the params that
+    matches a planned cell is written out as the ids it matches (each keeping its seeds), so that
+    no cell is matched twice."""
+    import fnmatch
+
+    out: dict[str, list] = {}
+    for pat, seeds in (params.get("seeds_per_cell") or {}).items():
+        hit = [c for c in cells if fnmatch.fnmatchcase(c, pat)]
+        if any(c in seed_lists for c in hit):
+            out.update({c: list(seeds) for c in hit if c not in seed_lists})
+        else:
+            out[pat] = list(seeds)
+    out.update(seed_lists)
+    return out
+
+
 def render(plan: Plan, seed_lists: Mapping[str, list], have: Mapping[str, int], gpu_hours: Mapping,
-           params: Mapping, params_file: str = "params.yaml") -> str:
+           params: Mapping, params_file: str = "params.yaml", cells: Mapping = None) -> str:
     lines = [f"mpvg workflow next: scale {params['scale']}, budget {plan.budget:g} GPU-h; {plan.open_claims} open "
              f"claim(s), {len(plan.steps)} advanced by this round"]
     if not plan.steps:
@@ -153,9 +170,7 @@ def render(plan: Plan, seed_lists: Mapping[str, list], have: Mapping[str, int], 
               f"{expected / plan.gpu_hours if plan.gpu_hours else math.inf:.3f} per GPU-hour):"]
     lines += [f"- {s.claim_id}: round {s.round} at {max(s.targets.values())} seeds per cell, "
               f"P(ends it) {s.value:.2f}" for s in plan.steps]
-    merged = {cid: list(v) for cid, v in (params.get("seeds_per_cell") or {}).items()}
-    merged.update(seed_lists)
-    value = f"seeds_per_cell={_flow(merged)}"
+    value = f"seeds_per_cell={_flow(merged_seeds_per_cell(params, cells, seed_lists))}"
     scale = params["scale"]
     lines += ["", "Run it with Snakemake:",
               f"  snakemake --profile slurm --config params={params_file} scale={scale} 'set=[\"{value}\"]'",
@@ -192,4 +207,4 @@ def run_next(params: dict, runs_dir: str, budget: float, params_file: str = "par
     # what the lists really add (a fine-tune's start cell may need other seed numbers than planned)
     plan.add = {cid: len(set(seeds) - set(seeds_now.get(cid, []))) for cid, seeds in lists.items()}
     plan.gpu_hours = sum(k * gpu_hours[cid] for cid, k in plan.add.items())
-    return render(plan, lists, have, gpu_hours, params, params_file)
+    return render(plan, lists, have, gpu_hours, params, params_file, cells)

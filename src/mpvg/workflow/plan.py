@@ -281,6 +281,7 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
     block = "budget" if params["scale"] == "budget" else "tiny"   # the scale block the cells read
     tiny_keys = tiny_keys_of(params_file, block) if Path(params_file).is_file() else frozenset()
     seeds = cell_seeds(params, cells)   # seeds_per_cell, else the global seeds
+    seed_keys = ["scale", "seeds"] + (["seeds_per_cell"] if "seeds_per_cell" in params else [])  # DVC params
     common = common_args(params_file, overrides)
     jobs: list[Job] = []
     made = produced_datasets(params)
@@ -305,7 +306,7 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
     all_results = [j.outs[0] for j in jobs if j.cell]
     jobs.append(Job(rule="report", key="", args=["report", *common, "--runs", runs, "--out", reports],
                     deps=all_results + [f"{figures}"], outs=[f"{reports}/{name}" for name in REPORT_FILES],
-                    params=["scale", "seeds", "seeds_per_cell"], resources=dict(TINY), log=f"{logs}/report.log"))
+                    params=seed_keys, resources=dict(TINY), log=f"{logs}/report.log"))
     result_of = {j.cell: [] for j in jobs if j.cell}
     for j in jobs:
         if j.cell:
@@ -315,8 +316,7 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
         if deps:
             jobs.append(Job(rule=name, key="", args=["report", *common, "--runs", runs, "--out", reports,
                                                      *[a for t in tables for a in ("--only", t)]],
-                            deps=deps, outs=[], params=["scale", "seeds", "seeds_per_cell"], resources=dict(TINY),
-                            target=True))
+                            deps=deps, outs=[], params=seed_keys, resources=dict(TINY), target=True))
     return jobs
 
 
