@@ -166,6 +166,9 @@ _GROUP = _obj({
 SCHEMA = _obj({
     "scale": {"enum": list(SCALES)},
     "seeds": {"type": "array", "items": _NN_INT, "minItems": 1, "uniqueItems": True},
+    # optional: {cell id or glob: [seeds]} overriding `seeds` for the cells it matches (cell_seeds)
+    "seeds_per_cell": {"type": "object", "additionalProperties": {
+        "type": "array", "items": _NN_INT, "minItems": 1, "uniqueItems": True}},
     "paths": _obj({"runs": _STR, "reports": _STR, "data": _STR}, ["runs", "reports", "data"]),
     "tracking": _obj({"uri": _STR, "experiment": {"type": "string", "minLength": 1}},
                      ["uri", "experiment"]),
@@ -532,6 +535,33 @@ def select_cells(cells: Mapping[str, Cell], patterns: list, scale: str = "?") ->
             raise ConfigError(f"params.yaml: cells (scale {scale!r}) selects {cell.id} but not {cell.init_from}, "
                               "the cell it starts from; add a pattern for it")
     return kept
+
+
+def cell_seeds(params: Mapping, cells: Mapping[str, Cell]) -> dict[str, list[int]]:
+    """The seeds each cell runs: ``seeds``, or the list of the one ``seeds_per_cell`` pattern
+    (a cell id or a glob over ids) that matches it. A pattern matching no cell of the grid at this
+    scale, a cell two patterns match, or a cell with a seed its start cell does not run, is an
+    error (never a silently different set of runs)."""
+    per = params.get("seeds_per_cell") or {}
+    scale = params.get("scale", "?")
+    for pat in per:
+        if not any(fnmatch.fnmatchcase(cid, pat) for cid in cells):
+            raise ConfigError(f"params.yaml: seeds_per_cell: pattern {pat!r} (scale {scale!r}) matches no cell "
+                              f"of the grid; cell ids look like {list(cells)[:3]} (`mpvg cells` lists them)")
+    out: dict[str, list[int]] = {}
+    for cid in cells:
+        hits = [pat for pat in per if fnmatch.fnmatchcase(cid, pat)]
+        if len(hits) > 1:
+            raise ConfigError(f"params.yaml: seeds_per_cell: patterns {hits[0]!r} and {hits[1]!r} both match cell "
+                              f"{cid}; give each cell one list")
+        out[cid] = list(per[hits[0]]) if hits else list(params["seeds"])
+    for cid, cell in cells.items():
+        if cell.init_from is not None and cell.init_from in out:
+            lacking = [s for s in out[cid] if s not in out[cell.init_from]]
+            if lacking:
+                raise ConfigError(f"params.yaml: seeds_per_cell: cell {cid} runs seed(s) {lacking}, which "
+                                  f"{cell.init_from}, the cell it starts from, does not run; give it those seeds too")
+    return out
 
 
 # --------------------------------------------------------------------------- runs

@@ -1,9 +1,9 @@
-"""The numbers behind the analysis figures (paper Figures 2, 4, 6, 7, 8 and the Appendix), and
-the statistics of differences over seeds behind the verdicts on the paper's claims.
+"""The numbers behind the analysis figures (paper Figures 2, 4, 6, 7, 8 and the Appendix).
 
-numpy (and scipy's t quantiles) on arrays already taken out of a model or out of results, so
-every definition here is tested on constructed inputs with known answers and the figures and
-verdicts only show what these functions return.
+numpy on arrays already taken out of a model, so every definition here is tested on constructed
+inputs with known answers and the figures only show what these functions return. (The
+statistics of differences over seeds behind the verdicts on the paper's claims are in
+mpvg.reporting.sequential: reporting does not import analysis.)
 
 Conventions (docs/reports.md explains why):
 
@@ -173,62 +173,3 @@ def last_ln_summary(pre, post, gamma, beta, num_prefix: int, last_pe=None) -> di
         summary["corr_pre_vs_pe"] = pearson(patch_tokens(pre_m, pe_m.shape[0]), pe_m)
         summary["corr_post_vs_pe"] = pearson(patch_tokens(post_m, pe_m.shape[0]), pe_m)
     return summary
-
-
-# --------------------------------------------------------------------------- differences over seeds
-# The verdicts on the paper's claims (mpvg.reporting.claims, docs/claims.md): a difference of
-# two cells' means over independent seeds, its Welch confidence interval, and how many seeds
-# per cell a difference of a given size needs.
-
-def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
-    """``mean(a) - mean(b)`` with Welch's t confidence interval (unequal variances).
-
-    ``se = sqrt(s_a^2/n_a + s_b^2/n_b)`` with sample variances (``ddof=1``), degrees of freedom
-    from the Welch-Satterthwaite equation, interval ``diff +- t_{(1+level)/2, df} * se``. Needs
-    two values or more on each side. When both sides are constant (``se = 0``) the interval is
-    the point itself and ``df`` is ``None``. Returns ``{diff, low, high, se, df, n_a, n_b}``.
-    """
-    from scipy import stats as sps
-
-    x, y = as_array(a).ravel(), as_array(b).ravel()
-    if x.size < 2 or y.size < 2:
-        raise ValueError(f"welch_interval needs at least 2 values per side, got {x.size} and {y.size}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
-    diff = float(x.mean() - y.mean())
-    se = math.sqrt(va + vb)
-    if se == 0.0:
-        return {"diff": diff, "low": diff, "high": diff, "se": 0.0, "df": None, "n_a": x.size, "n_b": y.size}
-    df = (va + vb) ** 2 / (va ** 2 / (x.size - 1) + vb ** 2 / (y.size - 1))
-    half = float(sps.t.ppf((1 + level) / 2, df)) * se
-    return {"diff": diff, "low": diff - half, "high": diff + half, "se": se, "df": float(df),
-            "n_a": int(x.size), "n_b": int(y.size)}
-
-
-def seeds_needed(delta: float, sd: float, level: float = 0.95, power: float = 0.8,
-                 equivalence: bool = False, max_seeds: int = 10_000) -> Optional[int]:
-    """Seeds per cell (the same number in both) for a two-sided ``level`` interval on a difference
-    to come out on the right side with probability ``power``, when each run has spread ``sd``.
-
-    Difference (``equivalence=False``): the smallest n >= 2 with
-    ``(t_{(1+level)/2, 2n-2} + t_{power, 2n-2}) * sd * sqrt(2/n) <= |delta|``, i.e. a true
-    difference ``delta`` gives an interval that excludes 0 with probability ``power``.
-    Equivalence (``equivalence=True``, ``delta`` is the margin): ``t_{power}`` becomes
-    ``t_{(1+power)/2}``, so a true difference of 0 gives an interval inside ``+-delta`` with
-    probability ``power``. ``None`` when even ``max_seeds`` is not enough; ``sd == 0`` gives 2.
-    """
-    from scipy import stats as sps
-
-    if delta == 0:
-        return None
-    if sd < 0:
-        raise ValueError(f"sd must be >= 0, got {sd}")
-    if sd == 0:
-        return 2
-    q = (1 + power) / 2 if equivalence else power
-    for n in range(2, max_seeds + 1):
-        df = 2 * n - 2
-        if (sps.t.ppf((1 + level) / 2, df) + sps.t.ppf(q, df)) * sd * math.sqrt(2.0 / n) <= abs(delta):
-            return n
-    return None

@@ -21,6 +21,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_report)
 
 
+def planned_gpu_hours(params: dict, cells: dict):
+    """cell -> GPU-hours of one seed from the workflow's cost model (paper and budget scales; None
+    at the tiny scale). The claims page prices each claim's next round with it; it is handed in
+    from this command line so that the reporting package itself does not import the workflow."""
+    from mpvg.workflow.cost import PLANNED_SCALES
+    from mpvg.workflow.plan import paper_gpu_hours
+
+    if params["scale"] not in PLANNED_SCALES:
+        return None
+    return {cid: paper_gpu_hours(params, cell) for cid, cell in cells.items()}
+
+
 def run_report(args: argparse.Namespace) -> int:
     from mpvg.config import expand_cells, params_from_args
     from mpvg.reporting.report import build_reports
@@ -28,7 +40,9 @@ def run_report(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     runs = args.runs or params["paths"]["runs"]
     out = args.out or params["paths"]["reports"]
-    written = build_reports(params, expand_cells(params), runs, out, params_path=args.params, only=args.only)
+    cells = expand_cells(params)
+    written = build_reports(params, cells, runs, out, params_path=args.params, only=args.only,
+                            gpu_hours=planned_gpu_hours(params, cells))
     if args.only:
         print(f"mpvg report: wrote {', '.join(str(p) for p in written)}")
     else:

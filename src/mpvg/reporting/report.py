@@ -59,6 +59,16 @@ def _hours(v: Optional[float], scale: float = 1.0) -> str:
     return "not reported" if v is None else f"{v / scale:.4f}"
 
 
+def measured_gpu_hours(results: dict) -> dict:
+    """cell -> mean GPU-hours of one seed as its results report them (cells reporting none are left out)."""
+    out = {}
+    for cid, rs in results.items():
+        vals = [float(r["gpu_hours"]) for r in rs if r.get("gpu_hours") is not None]
+        if vals:
+            out[cid] = sum(vals) / len(vals)
+    return out
+
+
 def figure_entries(fig_dir: Path) -> tuple[list[dict], list[str]]:
     """The figures of ``fig_dir`` for the index, and the other files there (links only).
 
@@ -157,12 +167,14 @@ def render_index(tables: list[Table], meta: dict, figures: tuple[list[dict], lis
 def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path | str, *,
                   commit: Optional[str] = None, params_path: str = "params.yaml",
                   paper_csv: Optional[Path] = None, only: Optional[list[str]] = None,
-                  check_signatures: bool = True) -> list[Path]:
+                  check_signatures: bool = True, gpu_hours: Optional[dict] = None) -> list[Path]:
     """Read results, write every table and the index under ``out_dir``; return the written paths.
 
     Only results that follow from the current params are shown (``check_signatures``: a result
     whose run signature differs is 'stale'; off only for tests of the layout on hand-made
-    results). ``only``: table keys (``["T2"]``) whose files alone are rewritten."""
+    results). ``only``: table keys (``["T2"]``) whose files alone are rewritten. ``gpu_hours``: cell ->
+    planned GPU-hours of one seed, which prices each claim's next round (the command line hands in
+    the workflow's cost model; without it, the mean GPU-hours the cell's results report)."""
     started = time.perf_counter()
     out = Path(out_dir)
     paper_rows = load_paper_numbers(paper_csv) if paper_csv else load_paper_numbers()
@@ -194,7 +206,10 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
         written.append(_write(out / f"{t.name}.tex", latex_comment(f"{notice}\n{FRAGMENT_NOTE}") + render_latex(t)))
     written.append(_write(out / "tables.tex", latex_document(tables, notice)))
     written.append(_write(out / "tables.md", render_markdown_page(tables, notice, heading="All tables")))
-    claim_files, (written.metrics, written.children) = write_claims(params, cells, results, out)  # claims.md, .tex, .json
+    if gpu_hours is None:
+        gpu_hours = measured_gpu_hours(results)
+    claim_files, (written.metrics, written.children) = write_claims(params, cells, results, out, stale=stale,
+                                                                    gpu_hours=gpu_hours)  # claims.md, .tex, .json
     written += claim_files
 
     meta = {

@@ -81,6 +81,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
+        "next", help="the next round of seeds that resolves the most claims per GPU-hour",
+        description="Read the current results (this scale's, current settings only), judge every claim of "
+                    "the paper with its group-sequential design, price each open claim's next round with the "
+                    "cost model, and propose the seeds per cell that end the most claims per GPU-hour within "
+                    "--budget. Prints the plan, its GPU-hours and the Snakemake and DVC commands that run it "
+                    "(seeds_per_cell). Paper or budget scale. docs/claims.md.")
+    add_params_arguments(p)
+    p.add_argument("--budget", type=float, required=True, metavar="GPU_HOURS", help="GPU-hours this round may use")
+    p.add_argument("--runs", default=None, metavar="DIR", help="runs folder (default: paths.runs of params)")
+    p.set_defaults(func=cmd_next)
+
+    p = sub.add_parser(
         "plan", help="every job: stage name, resources and command",
         description="Print every job of the plan, one per line: its stage name (as in dvc.yaml), its "
                     "resources (gpu, threads, mem_mb, runtime in minutes) and the command it runs.")
@@ -103,6 +115,22 @@ def _plan(args, params=None):
     from mpvg.workflow.plan import build_plan
 
     return build_plan(_params(args) if params is None else params, args.params, args.overrides)
+
+
+def cmd_next(args: argparse.Namespace) -> int:
+    from mpvg.workflow.next import run_next
+
+    params = _params(args)
+    if args.budget <= 0:
+        print(f"mpvg: --budget must be more than 0 GPU-hours, got {args.budget:g}", file=sys.stderr)
+        return 2
+    try:
+        text = run_next(params, args.runs or params["paths"]["runs"], args.budget, args.params)
+    except ValueError as err:
+        print(f"mpvg workflow next: {err}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    return 0
 
 
 def cmd_cells(args: argparse.Namespace) -> int:

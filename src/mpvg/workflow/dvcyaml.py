@@ -65,7 +65,7 @@ def _single(job: Job, cache: bool) -> dict:
     return stage
 
 
-SETTINGS_PARAMS = ("scale", "seeds", "models", "recipes", "datasets", "grid", "tiny", "budget")
+SETTINGS_PARAMS = ("scale", "seeds", "seeds_per_cell", "models", "recipes", "datasets", "grid", "tiny", "budget")
 
 
 def _signatures_stage(jobs: list[Job], params_keys: list[str]) -> dict:

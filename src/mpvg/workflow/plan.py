@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from mpvg.config import Cell, dataset_classes, expand_cells, run_dir
+from mpvg.config import Cell, cell_seeds, dataset_classes, expand_cells, run_dir
 
 # Jobs that train a cell, by Cell.stage; the rule name and the `mpvg` sub-command.
 CELL_STAGES = ("train", "finetune", "detect", "segment")
@@ -280,7 +280,8 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
     cells = expand_cells(params)
     block = "budget" if params["scale"] == "budget" else "tiny"   # the scale block the cells read
     tiny_keys = tiny_keys_of(params_file, block) if Path(params_file).is_file() else frozenset()
-    seeds = list(params["seeds"])
+    seeds = cell_seeds(params, cells)   # seeds_per_cell, else the global seeds
+    seed_keys = ["scale", "seeds"] + (["seeds_per_cell"] if "seeds_per_cell" in params else [])  # DVC params
     common = common_args(params_file, overrides)
     jobs: list[Job] = []
     made = produced_datasets(params)
@@ -295,17 +296,17 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
         for cell in cells.values():
             if cell.stage == stage:
                 jobs += [cell_job(params, cell, seed, params_file, overrides, cells=cells, tiny_keys=tiny_keys,
-                                  block=block) for seed in seeds]
+                                  block=block) for seed in seeds[cell.id]]
     figures = f"{reports}/figures"
     analysis_deps = [f"{cell_dir(params, c.stage, c.id, s)}/{RESULT}"
-                     for c in analysis_cells(cells) for s in seeds]
+                     for c in analysis_cells(cells) for s in seeds[c.id]]
     jobs.append(Job(rule="analyze", key="", args=["analyze", *common, "--runs", runs, "--out", figures],
                     deps=analysis_deps, outs=[figures], directory_outs=True,
                     params=["scale"], resources=dict(TINY), log=f"{logs}/analyze.log"))
     all_results = [j.outs[0] for j in jobs if j.cell]
     jobs.append(Job(rule="report", key="", args=["report", *common, "--runs", runs, "--out", reports],
                     deps=all_results + [f"{figures}"], outs=[f"{reports}/{name}" for name in REPORT_FILES],
-                    params=["scale", "seeds"], resources=dict(TINY), log=f"{logs}/report.log"))
+                    params=seed_keys, resources=dict(TINY), log=f"{logs}/report.log"))
     result_of = {j.cell: [] for j in jobs if j.cell}
     for j in jobs:
         if j.cell:
@@ -315,7 +316,7 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
         if deps:
             jobs.append(Job(rule=name, key="", args=["report", *common, "--runs", runs, "--out", reports,
                                                      *[a for t in tables for a in ("--only", t)]],
-                            deps=deps, outs=[], params=["scale", "seeds"], resources=dict(TINY), target=True))
+                            deps=deps, outs=[], params=seed_keys, resources=dict(TINY), target=True))
     return jobs
 
 
