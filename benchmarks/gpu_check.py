@@ -298,7 +298,7 @@ def nccl_child(result: Path, root: Path, device_name: str, smoke: bool) -> int:
     import torch.distributed as dist
 
     from mpvg.config import resolve_run
-    from mpvg.training import distributed
+    from mpvg.run import distributed
     from mpvg.training.engine import TrainOptions, build_model, resolve_amp, train
 
     cfg = SimpleNamespace(smoke=smoke)

@@ -167,7 +167,7 @@ def test_a_second_writer_on_the_same_folder_exits_at_once_naming_the_holder(refe
 
 
 def test_a_dead_writer_never_blocks_and_its_temp_files_are_removed(reference, tmp_path):
-    from mpvg.training.runfolder import lock_holder
+    from mpvg.run.folder import lock_holder
 
     params, ref_run, _ = reference
     out = finished_copy(ref_run, tmp_path / "run")
@@ -207,7 +207,7 @@ def interrupt_mid_epoch(params: Path, out: Path, sig: int, cwd: Path) -> subproc
 
 
 def test_an_interrupted_epoch_keeps_its_metrics(reference, tiny_data, tmp_path):
-    from mpvg.training import REQUEUE_EXIT_CODE
+    from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_run, ref = reference
     out = tmp_path / "run"
@@ -224,7 +224,7 @@ def test_an_interrupted_epoch_keeps_its_metrics(reference, tiny_data, tmp_path):
 
 
 def test_sigint_saves_like_sigterm_with_a_one_line_message(reference, tmp_path):
-    from mpvg.training import REQUEUE_EXIT_CODE
+    from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_run, _ = reference
     out = tmp_path / "run"
@@ -239,7 +239,7 @@ def test_sigint_saves_like_sigterm_with_a_one_line_message(reference, tmp_path):
 
 def test_a_run_whose_parent_dies_saves_and_stops(reference, tmp_path):
     """MPVG_STOP_WITH_PARENT=1 (the Snakefile sets it): Snakemake killed -> no run goes on unsupervised."""
-    from mpvg.training import REQUEUE_EXIT_CODE
+    from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_run, _ = reference
     out = tmp_path / "run"
@@ -285,7 +285,7 @@ def ddp_reference(tmp_path_factory, tiny_data):
 @pytest.mark.parametrize("delivery, sig", [("launcher", signal.SIGTERM), ("every process", signal.SIGUSR1)])
 def test_two_processes_preempted_save_one_checkpoint_exit_requeue_and_resume_bit_exact(ddp_reference, tmp_path,
                                                                                       delivery, sig):
-    from mpvg.training import REQUEUE_EXIT_CODE
+    from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_out = ddp_reference
     out = tmp_path / "run"
@@ -312,7 +312,7 @@ def test_two_processes_preempted_save_one_checkpoint_exit_requeue_and_resume_bit
 
 
 def test_launch_exit_codes():
-    from mpvg.training.launch import exit_code
+    from mpvg.run.launch import exit_code
 
     assert exit_code([0, 0]) == 0
     assert exit_code([75, 75]) == 75 and exit_code([0, 75]) == 75
@@ -382,7 +382,7 @@ def test_status_shows_running_interrupted_stale_and_pending_runs(reference, tiny
     busy.mkdir(parents=True)
     (busy / "metrics.jsonl").write_text(json.dumps({"event": "metrics", "step": 2, "metrics": {}}) + "\n")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from mpvg.training.runfolder import FolderLock; "
+                               "from mpvg.run.folder import FolderLock; "
                                f"FolderLock(Path({str(busy)!r})).acquire(); print('held', flush=True); time.sleep(60)"],
                               env=cli_env(), stdout=subprocess.PIPE, text=True)  # POSIX locks are per process
     try:

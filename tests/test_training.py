@@ -221,7 +221,7 @@ def test_resume_after_sigkill_ends_identical(reference, tmp_path):
 
 
 def test_sigterm_checkpoints_mid_epoch_exits_for_requeue_and_resumes_identical(reference, tiny_data, tmp_path):
-    from mpvg.training import REQUEUE_EXIT_CODE
+    from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_run, _ = reference
     out = tmp_path / "run"
@@ -368,7 +368,7 @@ def test_t2t_finetunes_on_cifar_from_its_imagenet_checkpoint(tiny_data, tmp_path
 
 
 def test_ending_run_closes_the_run_with_the_right_status():
-    from mpvg.training.runfolder import Preempted, ending_run
+    from mpvg.run.folder import Preempted, ending_run
 
     class Tracker:
         def __init__(self):

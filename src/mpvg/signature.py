@@ -138,7 +138,7 @@ def read_recorded(path: str | Path) -> tuple[str | None, dict | None]:
 def expected_inputs(params: Mapping[str, Any], cell_id: str, seed: int) -> dict:
     """The signature inputs cell ``cell_id`` has under ``params`` for ``seed`` (its start point's
     signature computed the same way, recursively). What a run that starts from it checks the
-    start point against (:func:`mpvg.training.runfolder.load_start_point`)."""
+    start point against (:func:`mpvg.run.folder.load_start_point`)."""
     from mpvg.config import resolve_run
 
     spec = resolve_run(params, cell_id)

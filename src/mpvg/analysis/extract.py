@@ -108,7 +108,7 @@ def load_model(checkpoint: Path | str, fallback_name: Optional[str] = None, fall
 
     import mpvg.models  # noqa: F401  (registers the models with timm)
     from mpvg.models.checkpoint import unwrap_state_dict
-    from mpvg.training.checkpoint import load_checkpoint
+    from mpvg.run.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     name = ckpt.get("model_name") or fallback_name

@@ -407,7 +407,7 @@ def build_vit_adapter(method: str = "default", pe_overrides: Optional[dict] = No
                             **dict(arch_overrides or {}))
     if pretrained is not None:
         if not isinstance(pretrained, dict):
-            from mpvg.training.checkpoint import load_checkpoint
+            from mpvg.run.checkpoint import load_checkpoint
 
             pretrained = load_checkpoint(pretrained)
         load_pretrained_vit(vit, pretrained)

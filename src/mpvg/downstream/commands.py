@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpvg.training import REQUEUE_EXIT_CODE
+from mpvg.run import REQUEUE_EXIT_CODE
 
 TASKS = {
     "detect": ("COCO instance segmentation with Mask R-CNN", "coco-deit_ti-mpvg", "box/mask AP", "Table 3"),

@@ -5,7 +5,7 @@ One iteration-based loop serves both tasks (the COCO 3x schedule is 36 epochs of
 :class:`Task` (datasets, model, loss, evaluation).  The plumbing is the classification
 trainer's (:mod:`mpvg.training.engine`): the data order is a function of ``(seed, epoch)``
 and each sample's augmentation of ``(seed, epoch, position)`` (``EpochSampler`` +
-``SeededSamples``), checkpoints are atomic (:mod:`mpvg.training.checkpoint`), SIGTERM /
+``SeededSamples``), checkpoints are atomic (:mod:`mpvg.run.checkpoint`), SIGTERM /
 SIGUSR1 save a checkpoint and exit with ``REQUEUE_EXIT_CODE``, tracking is
 :mod:`mpvg.tracking`, ``result.json`` is written last (:mod:`mpvg.runinfo`).  The learning
 rate is a pure function of the iteration (MMCV's warmup + step / poly policies), so a resumed
@@ -30,11 +30,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from mpvg import runinfo
-from mpvg.training import distributed
-from mpvg.training.checkpoint import load_checkpoint, rng_state, set_rng_state
+from mpvg.run import distributed
+from mpvg.run.checkpoint import load_checkpoint, rng_state, set_rng_state
 from mpvg.training.engine import (EpochSampler, SeededSamples, derive_seed, pe_dict, progress_bar, resolve_amp,
                                   seed_everything, unwrap)
-from mpvg.training.runfolder import (NonFiniteLossError, Preempted, RunFolder, ending_run, load_start_point,
+from mpvg.run.folder import (NonFiniteLossError, Preempted, RunFolder, ending_run, load_start_point,
                                      open_run)
 
 log = logging.getLogger("mpvg.downstream")
@@ -341,7 +341,7 @@ def _iter_progress(loader, desc: str, quiet: bool):
 def train(spec, task_name: str, opts: DownstreamOptions) -> dict[str, Any]:
     """Fine-tune one detection / segmentation cell for one seed; returns what result.json holds.
 
-    The run folder's life cycle is :func:`mpvg.training.runfolder.open_run`, as for classification.
+    The run folder's life cycle is :func:`mpvg.run.folder.open_run`, as for classification.
     Raises :class:`Preempted` after checkpointing on a stop request and :class:`NonFiniteLossError`
     when the loss is NaN/inf.
     """

@@ -2,7 +2,7 @@
 
 Exit codes of ``mpvg train``: 0 finished (result.json written); 1 the loss became NaN/inf
 (last good checkpoint kept) or an unexpected error; 2 bad configuration, data or arguments;
-75 (``mpvg.training.REQUEUE_EXIT_CODE``, EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after saving a
+75 (``mpvg.run.REQUEUE_EXIT_CODE``, EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after saving a
 checkpoint: requeue the job and the same command resumes it.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from mpvg.training import REQUEUE_EXIT_CODE
+from mpvg.run import REQUEUE_EXIT_CODE
 
 
 def register(subparsers) -> None:
@@ -151,7 +151,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from mpvg.config import ConfigError
     from mpvg.data import DatasetError
 
-    from mpvg.training.runfolder import RunLockedError
+    from mpvg.run.folder import RunLockedError
 
     return ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError, RunLockedError
 
@@ -167,7 +167,7 @@ def run_training_job(command: str, job) -> int:
     """Run ``job()`` (a training job of ``mpvg train`` or ``mpvg detect|segment train``) and turn
     its outcome into the exit code the workflow acts on: 0 done, REQUEUE_EXIT_CODE preempted after
     a checkpoint, 1 non-finite loss, 2 bad config/data/arguments."""
-    from mpvg.training.runfolder import NonFiniteLossError, Preempted
+    from mpvg.run.folder import NonFiniteLossError, Preempted
 
     try:
         job()
@@ -206,7 +206,7 @@ def _train(args) -> int:
 
 
 def _launch(args) -> int:
-    from mpvg.training.launch import launch
+    from mpvg.run.launch import launch
 
     if not args.argv:
         print("mpvg launch: error: name the mpvg sub-command to run, e.g. `mpvg launch --nproc-per-node 2 train "

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mpvg import runinfo
-from mpvg.training import REQUEUE_EXIT_CODE, distributed  # noqa: F401  (re-exported)
-from mpvg.training.checkpoint import load_checkpoint, rng_state, set_rng_state
-from mpvg.training.runfolder import (NonFiniteLossError, Preempted, RunFolder, ending_run,  # noqa: F401
+from mpvg.run import REQUEUE_EXIT_CODE, distributed  # noqa: F401  (re-exported)
+from mpvg.run.checkpoint import load_checkpoint, rng_state, set_rng_state
+from mpvg.run.folder import (NonFiniteLossError, Preempted, RunFolder, ending_run,  # noqa: F401
                                      load_start_point, open_run)
 
 log = logging.getLogger("mpvg.training")
@@ -293,7 +293,7 @@ def train(spec, opts: TrainOptions) -> dict[str, Any]:
     """Train one classification cell for one seed; return the result written to result.json.
 
     The run folder's life cycle (lock, signature, resume or set aside, publish) is
-    :func:`mpvg.training.runfolder.open_run`. Raises :class:`Preempted` after checkpointing on a stop
+    :func:`mpvg.run.folder.open_run`. Raises :class:`Preempted` after checkpointing on a stop
     request and :class:`NonFiniteLossError` when the loss is NaN/inf (nothing saved for that epoch).
     """
     from mpvg.signature import cell_inputs

@@ -142,7 +142,7 @@ def cell_resources(params: Mapping, cell: Cell) -> dict:
 
 def launcher(gpus: int) -> list[str]:
     """``mpvg`` for one process; ``mpvg launch`` with one process per GPU when ``gpus > 1``
-    (:mod:`mpvg.training.launch`: torchrun's environment, preemption that reaches every rank)."""
+    (:mod:`mpvg.run.launch`: torchrun's environment, preemption that reaches every rank)."""
     if int(gpus) > 1:
         return ["mpvg", "launch", "--nproc-per-node", str(int(gpus))]
     return ["mpvg"]

@@ -60,7 +60,7 @@ def _total(params: Mapping, cell: str) -> tuple[str, int]:
 def run_statuses(params: Mapping) -> list[RunStatus]:
     """The status of every run of the plan of ``params``."""
     from mpvg.runinfo import read_json_object
-    from mpvg.training.runfolder import STARTED_FORMAT, lock_holder
+    from mpvg.run.folder import STARTED_FORMAT, lock_holder
     from mpvg.workflow.plan import cell_resources, paper_gpu_hours
     from mpvg.workflow.state import plan_states
 
@@ -114,7 +114,7 @@ def run_statuses(params: Mapping) -> list[RunStatus]:
 
 def render(params: Mapping, statuses: list[RunStatus], show_all: bool = False) -> str:
     """Per table: counts, then every run that is not finished (all with ``show_all``)."""
-    from mpvg.training.runfolder import holder_text
+    from mpvg.run.folder import holder_text
 
     gpu = params["scale"] != "tiny"
     lines = [f"mpvg status: scale {params['scale']}, seeds {list(params['seeds'])}, {len(statuses)} runs"]

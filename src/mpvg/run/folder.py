@@ -262,7 +262,7 @@ class RunFolder:
     out: Path
     inputs: dict
     signature: str
-    dist: Any                                   # mpvg.training.distributed.DistInfo
+    dist: Any                                   # mpvg.run.distributed.DistInfo
     stop: StopSignal
     job_start: float
     resume: dict | None = None                  # the checkpoint to continue (same signature), or None
@@ -276,8 +276,8 @@ class RunFolder:
 
     def save(self, state: Mapping[str, Any]) -> None:
         """Write ``checkpoint.pt`` (rank 0; every rank waits) stamped with the signature."""
-        from mpvg.training import distributed
-        from mpvg.training.checkpoint import save_checkpoint
+        from mpvg.run import distributed
+        from mpvg.run.checkpoint import save_checkpoint
 
         if self.dist.is_main:
             save_checkpoint(self.checkpoint_path, {**state, "signature": self.signature,
@@ -314,7 +314,7 @@ def keep_result(out: Path) -> None:
 def _decide(out: Path, inputs: dict, resume: bool, notes: list[str]) -> tuple[str, list[str], dict | None]:
     """``(decision, reasons, checkpoint)`` for what ``out`` holds (rank 0): decision is ``resume``,
     ``finished``, ``fresh`` or ``set-aside``; the checkpoint is returned loaded when resuming."""
-    from mpvg.training.checkpoint import load_checkpoint
+    from mpvg.run.checkpoint import load_checkpoint
 
     ckpt_path, result_path = out / "checkpoint.pt", out / RESULT_NAME
     kept = read_json_object(out / KEPT_NAME) if not result_path.exists() and (out / KEPT_NAME).exists() else None
@@ -352,8 +352,8 @@ def open_run(out: str | os.PathLike, inputs: dict, device: str = "auto", resume:
              on_change: str = "set-aside", init_state: dict | None = None) -> Iterator[RunFolder]:
     """Set up the process group, lock ``out``, log, catch stop signals, and look at what ``out``
     holds (see the module doc). Yields the :class:`RunFolder`; tears everything down after."""
-    from mpvg.training import distributed
-    from mpvg.training.checkpoint import load_checkpoint
+    from mpvg.run import distributed
+    from mpvg.run.checkpoint import load_checkpoint
 
     if on_change not in ON_CHANGE:
         raise ValueError(f"unknown on_change {on_change!r}; expected one of {ON_CHANGE}")
@@ -421,7 +421,7 @@ def load_start_point(path: str | os.PathLike | None, expected: Mapping[str, Any]
     if path is None:
         return None, None
     from mpvg.signature import differences, file_signature
-    from mpvg.training.checkpoint import load_checkpoint
+    from mpvg.run.checkpoint import load_checkpoint
 
     path = Path(path)
     if not path.is_file():
