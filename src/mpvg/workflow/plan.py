@@ -23,10 +23,7 @@ CELL_STAGES = ("train", "finetune", "detect", "segment")
 SUBCOMMAND = {"train": ["train"], "finetune": ["train"], "detect": ["detect", "train"],
               "segment": ["segment", "train"]}
 INIT_FLAG = {"finetune": "--init-from", "detect": "--pretrained", "segment": "--pretrained"}
-RESULT = "result.json"
-CHECKPOINT = "checkpoint.pt"
-SCORES = "scores.json"      # final metrics (DVC metrics)
-HISTORY = "history.json"    # per-epoch / per-evaluation rows (DVC plots)
+from mpvg.run.layout import CHECKPOINT, HISTORY, RESULT, SCORES  # noqa: E402  (the run folder's names, defined once)
 JOB_LOG = "job.log"         # what the job printed (Snakemake log:)
 SETTINGS_DIR = ".signatures"  # under paths.runs: each run's settings, DVC's dependency (mpvg workflow signatures)
 # The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).

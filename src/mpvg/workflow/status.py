@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from mpvg.config import expand_cells, resolve_run
+from mpvg.run.layout import JOURNAL
 
 ORDER = ("T1", "T2", "T3", "T4", "T5", "T6", "F1", "F5", "C1")
 STATES = ("finished", "running", "interrupted", "stale", "pending")
@@ -76,7 +77,7 @@ def run_statuses(params: Mapping) -> list[RunStatus]:
         unit, total = _total(params, job.cell)
         planned = paper_gpu_hours(params, cell) if params["scale"] != "tiny" else 0.0
         rs = RunStatus(job.cell, job.seed, job.rule, list(cell.tables), "pending", planned_hours=planned)
-        events = _journal(folder / "metrics.jsonl")
+        events = _journal(folder / JOURNAL)
         steps = [e.get("step", 0) for e in events if e.get("event") == "metrics"]
         done = max(steps) if steps else 0
         rs.mlflow_run_id = next((e.get("run_id") for e in reversed(events) if e.get("event") == "mlflow_run"), None)
