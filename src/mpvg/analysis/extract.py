@@ -101,7 +101,7 @@ def summarize(cell: str, out: Mapping[str, Any], gamma, beta, images, samples: i
 def load_model(checkpoint: Path | str, fallback_name: Optional[str] = None, fallback_kwargs: Optional[dict] = None):
     """The trained network of a checkpoint, in eval mode.
 
-    The checkpoint names the timm model and its kwargs (training/checkpoint.py); the cell's
+    The checkpoint names the timm model and its kwargs (mpvg.run.checkpoint); the cell's
     resolved run is the fallback for checkpoints that do not.
     """
     import timm

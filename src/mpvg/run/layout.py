@@ -12,6 +12,7 @@ HISTORY = "history.json"        # per-epoch (per-evaluation) rows, for `dvc plot
 JOURNAL = "metrics.jsonl"       # every tracked event, also without MLflow (mpvg.tracking)
 MODEL_CARD = "model_card.md"
 LOG = "log.txt"
+JOB_LOG = "job.log"             # what the job printed (the workflow's log of the job)
 LOCK = ".lock"                  # one writer per folder (mpvg.run.folder.FolderLock)
 # A second link to result.json: when a workflow tool deletes result.json before running a job again
 # (Snakemake's --rerun-incomplete after it was interrupted, DVC's repro), a run that had finished

@@ -23,8 +23,7 @@ CELL_STAGES = ("train", "finetune", "detect", "segment")
 SUBCOMMAND = {"train": ["train"], "finetune": ["train"], "detect": ["detect", "train"],
               "segment": ["segment", "train"]}
 INIT_FLAG = {"finetune": "--init-from", "detect": "--pretrained", "segment": "--pretrained"}
-from mpvg.run.layout import CHECKPOINT, HISTORY, RESULT, SCORES  # noqa: E402  (the run folder's names, defined once)
-JOB_LOG = "job.log"         # what the job printed (Snakemake log:)
+from mpvg.run.layout import CHECKPOINT, HISTORY, JOB_LOG, RESULT, SCORES  # noqa: E402  (the run folder's names, defined once)
 SETTINGS_DIR = ".signatures"  # under paths.runs: each run's settings, DVC's dependency (mpvg workflow signatures)
 # The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).
 REPORT_FILES = ("tables.md", "README.md", "claims.md")
