@@ -539,7 +539,7 @@ def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(refere
     lines = [line for line in err.splitlines() if line.startswith("mpvg train: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"mpvg train: error: cannot write {ckpt} (")
-    assert lines[0].endswith(f"the previous checkpoint.pt there is unchanged. Free space on that disk (or point "
+    assert lines[0].endswith("the previous checkpoint.pt there is unchanged. Free space on that disk (or point "
                              "--out elsewhere) and run the same command again: it continues from the last "
                              "checkpoint"), lines[0]
     state = torch.load(ckpt, weights_only=False)  # intact, the first epoch's
