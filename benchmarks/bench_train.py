@@ -97,13 +97,13 @@ def write_jpegs(root: Path, n_images: int, n_classes: int = 4) -> None:
 def end_to_end(cell: str, data: Path, batch: int, workers: int, device: str, amp: str, out: Path) -> float:
     """images/s of one epoch of the real training loop (paper recipe, tiny folder of JPEGs)."""
     from mpvg.config import load_params, resolve_run
-    from mpvg.training.engine import TrainOptions, train
+    from mpvg.training.engine import RunOptions, train
 
     params = load_params(REPO / "params.yaml", {
         "scale": "paper", "datasets.imagenet.root": str(data), "datasets.imagenet.num_classes": 4,
         "recipes.deit.batch_size": batch, "recipes.deit.epochs": 1, "recipes.deit.warmup_epochs": 0,
         "recipes.deit.workers": workers})
-    result = train(resolve_run(params, cell), TrainOptions(out_dir=out, device=device, amp=amp, quiet=True,
+    result = train(resolve_run(params, cell), RunOptions(out_dir=out, device=device, amp=amp, quiet=True,
                                                            eval_every=0, log_interval=1000))
     return float(result["history"][0]["images_per_s"])
 

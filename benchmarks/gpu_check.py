@@ -298,8 +298,8 @@ def nccl_child(result: Path, root: Path, device_name: str, smoke: bool) -> int:
     import torch.distributed as dist
 
     from mpvg.config import resolve_run
-    from mpvg.training import distributed
-    from mpvg.training.engine import TrainOptions, build_model, resolve_amp, train
+    from mpvg.run import distributed
+    from mpvg.training.engine import RunOptions, build_model, resolve_amp, train
 
     cfg = SimpleNamespace(smoke=smoke)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -324,7 +324,7 @@ def nccl_child(result: Path, root: Path, device_name: str, smoke: bool) -> int:
     ddp_loss = check_finite(step.losses, "DDP step")
     probe = distributed.all_reduce(torch.ones(1, device=dev))
     t0 = time.perf_counter()
-    out = train(spec, TrainOptions(out_dir=Path.cwd() / "run", device=device_name, amp="auto", quiet=True,
+    out = train(spec, RunOptions(out_dir=Path.cwd() / "run", device=device_name, amp="auto", quiet=True,
                                    eval_every=0, log_interval=5))  # the group is already up: collectives use it
     wall = time.perf_counter() - t0
     hist = out["history"][0]

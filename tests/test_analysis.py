@@ -342,7 +342,7 @@ def test_analyze_command_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     from mpvg.cli import main
     from mpvg.config import resolve_run
     from mpvg.data.tiny import make_tiny
-    from mpvg.training.checkpoint import save_checkpoint
+    from mpvg.run.checkpoint import save_checkpoint
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(PARAMS.read_text())

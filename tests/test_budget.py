@@ -151,13 +151,13 @@ def test_data_check_reads_the_subset(tiny_root, tmp_path, capsys):
 
 
 def test_budget_scale_trains_on_tiny_data_through_the_same_code_path(tiny_root, tmp_path, one_torch_thread):
-    from mpvg.training.engine import TrainOptions, train
+    from mpvg.training.engine import RunOptions, train
 
     params = budget_on_tiny(tiny_root)
     spec = resolve_run(params, "in1k-deit_ti-mpvg-detach")
     assert spec.scale == "budget" and spec.classes == ("digit_1", "digit_4", "digit_7")
     assert spec.recipe["randaugment"] == "rand-m9-mstd0.5-inc1" and spec.recipe["mixup"] == 0.8  # DeiT's recipe
-    train(spec, TrainOptions(out_dir=tmp_path / "run", quiet=True, device="cpu"))
+    train(spec, RunOptions(out_dir=tmp_path / "run", quiet=True, device="cpu"))
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert (result["scale"], result["cell"], result["epochs"]) == ("budget", "in1k-deit_ti-mpvg-detach", 1)
     assert result["pe"]["last_ln_pe_detach"] is True and result["pe"]["last_ln_pe"] == 0

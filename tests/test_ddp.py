@@ -42,7 +42,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(reference, t
 def test_ranks_come_from_torchrun_or_srun_and_never_from_a_bare_batch_script(monkeypatch):
     import os
 
-    from mpvg.training.distributed import _env_ranks
+    from mpvg.run.distributed import _env_ranks
 
     # _env_ranks writes RANK/WORLD_SIZE/MASTER_* into os.environ (as srun needs); give it a copy so
     # nothing leaks into later tests (monkeypatch.delenv records nothing for an absent key).

@@ -432,7 +432,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
 
 def test_preempted_run_resumes_bit_identical(tmp_path, monkeypatch):
     from mpvg.config import load_params, resolve_run
-    from mpvg.training.engine import Preempted
+    from mpvg.run.folder import Preempted
 
     common, ckpt = _setup_task(tmp_path, "segment", "pvg")
     sets = [common[i + 1] for i in range(len(common)) if common[i] == "--set"]
@@ -440,7 +440,7 @@ def test_preempted_run_resumes_bit_identical(tmp_path, monkeypatch):
                        "ade20k-deit_ti-pvg")
 
     def run(out, stop_at=None):
-        opts = engine.DownstreamOptions(out_dir=out, pretrained=ckpt, quiet=True, eval_interval=0, log_interval=1)
+        opts = engine.RunOptions(out_dir=out, init_from=ckpt, quiet=True, eval_every=0, log_interval=1)
         real = engine.segmentation_task
         calls = {"n": 0}
 

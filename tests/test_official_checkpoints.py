@@ -348,7 +348,7 @@ def tiny_params(tmp_path_factory) -> Path:
 def test_eval_weights_on_the_tiny_data(slug, tiny_params, capsys):
     from mpvg.cli import main
     from mpvg.config import load_params, resolve_run
-    from mpvg.training import distributed
+    from mpvg.run import distributed
     from mpvg.training.engine import build_datasets, build_model, eval_loader, evaluate
 
     cell = f"in1k-{slug}-default"

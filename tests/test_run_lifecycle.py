@@ -86,7 +86,7 @@ def test_rerun_with_a_changed_recipe_retrains_from_scratch_and_keeps_the_old_sta
 
 def test_a_checkpoint_of_another_cell_or_architecture_is_set_aside_not_resumed(reference, tiny_data, tmp_path):
     from mpvg.config import load_params, resolve_run
-    from mpvg.training.engine import TrainOptions, train
+    from mpvg.training.engine import RunOptions, train
 
     params, ref_run, _ = reference
     p = load_params(params)
@@ -97,7 +97,7 @@ def test_a_checkpoint_of_another_cell_or_architecture_is_set_aside_not_resumed(r
         (out / "result.json").unlink()  # a checkpoint alone (an unfinished run of another cell)
         spec = resolve_run(p, cell)
         spec = type(spec)(**{**spec.__dict__, "recipe": {**spec.recipe, "epochs": 1, "total_epochs": 1}})
-        result = train(spec, TrainOptions(out_dir=out, quiet=True))
+        result = train(spec, RunOptions(out_dir=out, quiet=True))
         assert result["cell"] == cell and result["epochs"] == 1
         assert expect in (only_previous(out) / "REASON.txt").read_text()
 
@@ -151,23 +151,31 @@ def test_a_second_writer_on_the_same_folder_exits_at_once_naming_the_holder(refe
     first = start_cli(["train", "--params", str(params), "--cell", CELL, "--out", str(out), "--no-tracking"], tmp_path)
     try:
         wait_for(lambda: (out / "log.txt").exists() and "training " in (out / "log.txt").read_text(), first)
-        started = time.time()
-        second = subprocess.run([sys.executable, "-m", "mpvg", "train", "--params", str(params), "--cell", CELL,
-                                 "--out", str(out), "--no-tracking"], env=cli_env(), capture_output=True,
-                                text=True, timeout=60)
-        took = time.time() - started
+
+        def timed(folder: Path) -> tuple[subprocess.CompletedProcess, float]:
+            started = time.time()
+            done = subprocess.run([sys.executable, "-m", "mpvg", "train", "--params", str(params), "--cell", CELL,
+                                   "--out", str(folder), "--no-tracking"], env=cli_env(), capture_output=True,
+                                  text=True, timeout=120)
+            return done, time.time() - started
+
+        (tmp_path / "a-file").write_text("")
+        # the baseline: the same command stopping at the same point (the folder) for another reason
+        baseline, base_s = timed(tmp_path / "a-file" / "run")
+        second, took = timed(out)
     finally:
         first.kill()
         first.wait()
+    assert baseline.returncode == 2 and "is a file, not a folder" in baseline.stderr, baseline.stderr
     assert second.returncode == 2, second.stderr
     assert f"is being written by another run (pid {first.pid} on " in second.stderr, second.stderr
-    assert "Traceback" not in second.stderr and took < 30
+    assert "Traceback" not in second.stderr and took < 3 * base_s + 1.0, (took, base_s)  # at once, no waiting
     log = (out / "log.txt").read_text()
     assert log.count("training ") == 1  # the second process wrote nothing into the folder
 
 
 def test_a_dead_writer_never_blocks_and_its_temp_files_are_removed(reference, tmp_path):
-    from mpvg.training.runfolder import lock_holder
+    from mpvg.run.folder import lock_holder
 
     params, ref_run, _ = reference
     out = finished_copy(ref_run, tmp_path / "run")
@@ -196,18 +204,24 @@ def test_files_follow_the_umask(tiny_data, tmp_path):
 
 
 # ------------------------------------------------------------------------------ interruption
+def wait_for_step(out: Path, proc: subprocess.Popen, step: int = 1, epoch: int = 1) -> None:
+    """Until the run's own log says it finished ``step`` of ``epoch`` (a line per --log-interval steps):
+    a signal sent then lands inside that epoch, not at a time a sleep guessed."""
+    line = f"epoch {epoch}/{EPOCHS} step {step}/"
+    wait_for(lambda: (out / "log.txt").exists() and line in (out / "log.txt").read_text(), proc)
+
+
 def interrupt_mid_epoch(params: Path, out: Path, sig: int, cwd: Path) -> subprocess.CompletedProcess:
     proc = start_cli(["train", "--params", str(params), "--cell", CELL, "--out", str(out), "--no-tracking",
                       "--log-interval", "1"], cwd)
-    wait_for(lambda: (out / "log.txt").exists() and "training " in (out / "log.txt").read_text(), proc)
-    time.sleep(0.3)
+    wait_for_step(out, proc)
     proc.send_signal(sig)
     output = proc.communicate(timeout=120)[0]
     return subprocess.CompletedProcess(proc.args, proc.returncode, output)
 
 
 def test_an_interrupted_epoch_keeps_its_metrics(reference, tiny_data, tmp_path):
-    from mpvg.training import REQUEUE_EXIT_CODE
+    from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_run, ref = reference
     out = tmp_path / "run"
@@ -224,7 +238,7 @@ def test_an_interrupted_epoch_keeps_its_metrics(reference, tiny_data, tmp_path):
 
 
 def test_sigint_saves_like_sigterm_with_a_one_line_message(reference, tmp_path):
-    from mpvg.training import REQUEUE_EXIT_CODE
+    from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_run, _ = reference
     out = tmp_path / "run"
@@ -239,7 +253,7 @@ def test_sigint_saves_like_sigterm_with_a_one_line_message(reference, tmp_path):
 
 def test_a_run_whose_parent_dies_saves_and_stops(reference, tmp_path):
     """MPVG_STOP_WITH_PARENT=1 (the Snakefile sets it): Snakemake killed -> no run goes on unsupervised."""
-    from mpvg.training import REQUEUE_EXIT_CODE
+    from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_run, _ = reference
     out = tmp_path / "run"
@@ -249,11 +263,10 @@ def test_a_run_whose_parent_dies_saves_and_stops(reference, tmp_path):
                                f"p = subprocess.Popen({cmd!r}); print(p.pid, flush=True); time.sleep(600)"],
                               env={**cli_env(), "MPVG_STOP_WITH_PARENT": "1"}, stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
-    wait_for(lambda: (out / "log.txt").exists() and "training " in (out / "log.txt").read_text(), parent)
-    time.sleep(0.3)
+    wait_for_step(out, parent)
     parent.kill()
     parent.wait()
-    end = time.time() + 60
+    end = time.time() + 60  # the orphan (not our child: no wait()) saves and exits on its own
     while Path(f"/proc/{child}").exists() and time.time() < end:
         time.sleep(0.05)
     assert not Path(f"/proc/{child}").exists()
@@ -285,7 +298,7 @@ def ddp_reference(tmp_path_factory, tiny_data):
 @pytest.mark.parametrize("delivery, sig", [("launcher", signal.SIGTERM), ("every process", signal.SIGUSR1)])
 def test_two_processes_preempted_save_one_checkpoint_exit_requeue_and_resume_bit_exact(ddp_reference, tmp_path,
                                                                                       delivery, sig):
-    from mpvg.training import REQUEUE_EXIT_CODE
+    from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_out = ddp_reference
     out = tmp_path / "run"
@@ -293,8 +306,7 @@ def test_two_processes_preempted_save_one_checkpoint_exit_requeue_and_resume_bit
            "--cell", CELL, "--out", str(out), "--no-tracking", "--device", "cpu", "--log-interval", "1"]
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    wait_for(lambda: (out / "log.txt").exists() and "training " in (out / "log.txt").read_text(), proc)
-    time.sleep(0.5)
+    wait_for_step(out, proc)
     if delivery == "launcher":
         proc.send_signal(sig)
     else:  # SLURM's --signal without B: reaches every process of the step
@@ -312,7 +324,7 @@ def test_two_processes_preempted_save_one_checkpoint_exit_requeue_and_resume_bit
 
 
 def test_launch_exit_codes():
-    from mpvg.training.launch import exit_code
+    from mpvg.run.launch import exit_code
 
     assert exit_code([0, 0]) == 0
     assert exit_code([75, 75]) == 75 and exit_code([0, 75]) == 75
@@ -382,7 +394,7 @@ def test_status_shows_running_interrupted_stale_and_pending_runs(reference, tiny
     busy.mkdir(parents=True)
     (busy / "metrics.jsonl").write_text(json.dumps({"event": "metrics", "step": 2, "metrics": {}}) + "\n")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from mpvg.training.runfolder import FolderLock; "
+                               "from mpvg.run.folder import FolderLock; "
                                f"FolderLock(Path({str(busy)!r})).acquire(); print('held', flush=True); time.sleep(60)"],
                               env=cli_env(), stdout=subprocess.PIPE, text=True)  # POSIX locks are per process
     try:
@@ -402,3 +414,136 @@ def test_status_shows_running_interrupted_stale_and_pending_runs(reference, tiny
     assert f"interrupted in1k-deit_s-lape seed0  epoch 0/{EPOCHS} resumes from its checkpoint" in text
     assert 'stale       in1k-deit_s-pvg seed0' in text and 'cell: "in1k-deit_s-mpvg" -> "in1k-deit_s-pvg"' in text
     assert other.exists()
+
+
+# ------------------------------------------------------------------------------ damaged or missing files
+def damage(path: Path, how: str) -> bytes:
+    """Empty ``path`` or cut it in half, in place (so a hard link to it is damaged too); return its bytes."""
+    data = path.read_bytes()
+    with open(path, "r+b") as handle:
+        handle.truncate(0 if how == "empty" else len(data) // 2)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_starts_fresh(reference, tmp_path, how):
+    params, ref_run, ref = reference
+    out = finished_copy(ref_run, tmp_path / "run")
+    (out / "result.json").unlink()
+    (out / ".result.kept.json").unlink()  # an unfinished run whose checkpoint.pt was damaged
+    damaged = damage(out / "checkpoint.pt", how)
+    result = train_in_process(params, out)
+    kept = only_previous(out)
+    assert (kept / "checkpoint.pt").read_bytes() == damaged  # set aside, never deleted
+    assert "checkpoint.pt is unreadable (cannot read checkpoint" in (kept / "REASON.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert f"{out} held state it cannot continue (checkpoint.pt is unreadable (cannot read checkpoint " \
+           f"{out / 'checkpoint.pt'}" in log
+    assert f"moved it to {kept} and starting fresh" in log
+    assert result["metrics"] == ref["metrics"]
+    assert_same_weights(weights(out / "checkpoint.pt"), weights(ref_run / "checkpoint.pt"))
+
+
+@pytest.mark.parametrize("kept_too", [False, True])
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_a_damaged_result_is_set_aside_and_written_again_without_training(reference, tmp_path, how, kept_too):
+    """result.json empty or cut short: set aside; the finished checkpoint gives it back (from the kept
+    copy when that is intact, else by evaluating the final checkpoint: no epoch is trained again)."""
+    params, ref_run, ref = reference
+    out = finished_copy(ref_run, tmp_path / "run")
+    damaged = damage(out / "result.json", how)
+    if kept_too:  # result.json damaged in place: its hard link .result.kept.json is the same file
+        damage(out / ".result.kept.json", how)
+    checkpoint_before, log_before = (out / "checkpoint.pt").read_bytes(), (out / "log.txt").read_text()
+    result = train_in_process(params, out)
+    aside = only_previous(out)
+    assert (aside / "result.json").read_bytes() == damaged
+    assert sorted(p.name for p in aside.iterdir()) == sorted(["result.json", "REASON.txt"] +
+                                                             ([".result.kept.json"] if kept_too else []))
+    log = (out / "log.txt").read_text()[len(log_before):]  # this run's lines
+    assert f"{out / 'result.json'} was unreadable (empty, cut short or not a JSON object): moved it to {aside}" in log
+    assert "epoch 1/3" not in log  # nothing trained again
+    assert result["metrics"] == ref["metrics"] and result["signature"] == ref["signature"]
+    assert json.loads((out / "result.json").read_text())["metrics"] == ref["metrics"]
+    if kept_too:
+        assert f"resumed from {out / 'checkpoint.pt'}: epoch 3, step 0" in log
+    else:
+        assert (out / "result.json").read_bytes() == (ref_run / "result.json").read_bytes()
+        assert (out / "checkpoint.pt").read_bytes() == checkpoint_before
+        assert "restored from .result.kept.json" in log
+
+
+def test_a_result_without_its_checkpoint_is_set_aside_and_trained_again(reference, tmp_path):
+    params, ref_run, ref = reference
+    out = finished_copy(ref_run, tmp_path / "run")
+    (out / "checkpoint.pt").unlink()
+    result = train_in_process(params, out)
+    kept = only_previous(out)
+    assert (kept / "result.json").read_bytes() == (ref_run / "result.json").read_bytes()
+    reason = "result.json is there but its checkpoint.pt is gone (the run cannot be continued or fine-tuned from)"
+    assert reason in (kept / "REASON.txt").read_text()
+    assert f"{out} held state it cannot continue ({reason}); moved it to {kept}" in (out / "log.txt").read_text()
+    assert result["metrics"] == ref["metrics"]
+
+
+def test_a_run_from_before_signatures_is_set_aside_with_the_reason(reference, tmp_path):
+    """result.json and checkpoint.pt written by an mpvg that had no run signatures."""
+    params, ref_run, ref = reference
+    out = finished_copy(ref_run, tmp_path / "run")
+    for name in ("result.json", ".result.kept.json"):
+        old = json.loads((out / name).read_text())
+        (out / name).write_text(json.dumps({k: v for k, v in old.items() if not k.startswith("signature")}))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    torch.save({k: v for k, v in ckpt.items() if not k.startswith("signature")}, out / "checkpoint.pt")
+    result = train_in_process(params, out)
+    kept = only_previous(out)
+    reason = "checkpoint: no signature recorded (written by an older mpvg, or not by mpvg)"
+    assert reason in (kept / "REASON.txt").read_text()
+    assert f"{out} held a run of other settings ({reason}; result: no signature recorded" in \
+        (out / "log.txt").read_text()
+    assert "signature" not in json.loads((kept / "result.json").read_text())
+    assert result["metrics"] == ref["metrics"] and result["signature"] == ref["signature"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of a given size, mounted by the test (root only)."""
+    mounts = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs to fill (needs root): {done.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(reference, tmp_path, small_disk, capsys):
+    from mpvg.run.commands import run_training_job
+
+    params, ref_run, _ = reference
+    size = (ref_run / "checkpoint.pt").stat().st_size
+    # room for one checkpoint and the logs, not for the next one written beside it (atomic write)
+    out = small_disk(size + size // 2 + 64 * 1024) / "run"
+    code = run_training_job("train", lambda: train_in_process(params, out))
+    err = capsys.readouterr().err
+    ckpt = out / "checkpoint.pt"
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("mpvg train: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"mpvg train: error: cannot write {ckpt} (")
+    assert lines[0].endswith("the previous checkpoint.pt there is unchanged. Free space on that disk (or point "
+                             "--out elsewhere) and run the same command again: it continues from the last "
+                             "checkpoint"), lines[0]
+    state = torch.load(ckpt, weights_only=False)  # intact, the first epoch's
+    assert (state["epoch"], state["step"]) == (1, 0)
+    assert not list(out.glob(".*.tmp")) and not (out / "result.json").exists()
+    journal = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert journal[-1]["event"] == "end" and journal[-1]["status"] == "FAILED"

@@ -49,9 +49,9 @@ def make_spec(params_path: Path, cell: str = CELL):
 
 
 def train_in_process(params_path: Path, out: Path, **opts):
-    from mpvg.training.engine import TrainOptions, train
+    from mpvg.training.engine import RunOptions, train
 
-    return train(make_spec(params_path), TrainOptions(out_dir=out, quiet=True, **opts))
+    return train(make_spec(params_path), RunOptions(out_dir=out, quiet=True, **opts))
 
 
 def cli_env() -> dict:
@@ -115,7 +115,7 @@ def reference(tmp_path_factory, tiny_data):
 
 # ------------------------------------------------------------------------------ unit
 def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_the_global_batch():
-    from mpvg.training.engine import EpochSampler
+    from mpvg.run.seeding import EpochSampler
 
     one = EpochSampler(100, 8, seed=1)
     one.set_epoch(3)
@@ -147,7 +147,8 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_the_global_bat
 
 
 def test_seeded_samples_repeat_augmentation_and_leave_global_rng_alone(tiny_data, tmp_path):
-    from mpvg.training.engine import SeededSamples, build_datasets
+    from mpvg.run.seeding import SeededSamples
+    from mpvg.training.engine import build_datasets
 
     spec = make_spec(write_params(tmp_path, tiny_data))
     train_set, _ = build_datasets(spec)
@@ -221,15 +222,14 @@ def test_resume_after_sigkill_ends_identical(reference, tmp_path):
 
 
 def test_sigterm_checkpoints_mid_epoch_exits_for_requeue_and_resumes_identical(reference, tiny_data, tmp_path):
-    from mpvg.training import REQUEUE_EXIT_CODE
+    from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_run, _ = reference
     out = tmp_path / "run"
     proc = start_cli(["train", "--params", str(params), "--cell", CELL, "--out", str(out), "--no-tracking",
                       "--log-interval", "1"], tmp_path)
     log = out / "log.txt"
-    wait_for(lambda: log.exists() and "training " in log.read_text(), proc)
-    time.sleep(0.3)  # a few steps into the first epoch
+    wait_for(lambda: log.exists() and f"epoch 1/{EPOCHS} step 1/" in log.read_text(), proc)  # inside epoch 1
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == REQUEUE_EXIT_CODE, output
@@ -313,7 +313,7 @@ def test_each_family_learns_the_tiny_data(cell, tiny_data, tmp_path):
     """The tiny configuration of params.yaml (12 epochs) gets well above chance (10%): 91-99% top-1
     when written (about 30-90 s per model on the 2-core CPU)."""
     from mpvg.data.tiny import make_tiny
-    from mpvg.training.engine import TrainOptions, train
+    from mpvg.training.engine import RunOptions, train
 
     make_tiny(tiny_data, "cifar100")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -322,7 +322,7 @@ def test_each_family_learns_the_tiny_data(cell, tiny_data, tmp_path):
     for name in ("deit", "swin", "ceit", "t2t", "vit_lite_c100"):
         raw["tiny"]["recipes"][name] = {**raw["tiny"]["recipes"][name], "epochs": 12}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    result = train(make_spec(tmp_path / "params.yaml", cell), TrainOptions(out_dir=tmp_path / "run", quiet=True,
+    result = train(make_spec(tmp_path / "params.yaml", cell), RunOptions(out_dir=tmp_path / "run", quiet=True,
                                                                           eval_every=0))
     assert result["metrics"]["top1"] > 70, result["metrics"]
 
@@ -368,7 +368,7 @@ def test_t2t_finetunes_on_cifar_from_its_imagenet_checkpoint(tiny_data, tmp_path
 
 
 def test_ending_run_closes_the_run_with_the_right_status():
-    from mpvg.training.runfolder import Preempted, ending_run
+    from mpvg.run.folder import Preempted, ending_run
 
     class Tracker:
         def __init__(self):

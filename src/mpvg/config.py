@@ -594,9 +594,11 @@ class RunSpec:
 
     def init_checkpoint(self, seed: int, init_stage: str = "train") -> Path | None:
         """The checkpoint this cell starts from (same seed), or None for a from-scratch run."""
+        from mpvg.run.layout import CHECKPOINT
+
         if self.cell.init_from is None:
             return None
-        return run_dir(self.runs_root, init_stage, self.cell.init_from, seed) / "checkpoint.pt"
+        return run_dir(self.runs_root, init_stage, self.cell.init_from, seed) / CHECKPOINT
 
 
 def run_dir(runs_root: str | Path, stage: str, cell: str, seed: int) -> Path:

@@ -123,22 +123,10 @@ def file_signature(path: str | Path) -> str:
     return "file:" + h.hexdigest()[:16]
 
 
-def read_recorded(path: str | Path) -> tuple[str | None, dict | None]:
-    """``(signature, signature_inputs)`` recorded in a result.json-like file; ``(None, None)``
-    when the file is missing, unreadable or has none."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    return data.get("signature"), data.get("signature_inputs")
-
-
 def expected_inputs(params: Mapping[str, Any], cell_id: str, seed: int) -> dict:
     """The signature inputs cell ``cell_id`` has under ``params`` for ``seed`` (its start point's
     signature computed the same way, recursively). What a run that starts from it checks the
-    start point against (:func:`mpvg.training.runfolder.load_start_point`)."""
+    start point against (:func:`mpvg.run.folder.load_start_point`)."""
     from mpvg.config import resolve_run
 
     spec = resolve_run(params, cell_id)

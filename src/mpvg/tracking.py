@@ -44,7 +44,7 @@ from mpvg.runinfo import project_root, slurm_job_id, write_json_atomic
 log = logging.getLogger("mpvg.tracking")
 
 DEFAULT_EXPERIMENT = "mpvg"
-JOURNAL_NAME = "metrics.jsonl"
+from mpvg.run.layout import JOURNAL as JOURNAL_NAME  # noqa: E402
 #: The tasks of config.TASKS: one experiment each, created in this order by `mpvg tracking init`
 #: (so a fresh store numbers them 2..5 after the project experiment, 1; the README's links).
 TASK_EXPERIMENTS = ("in1k", "c100", "coco", "ade20k")
@@ -453,7 +453,9 @@ def sync(run_dir: str | os.PathLike, uri: str, experiment: str = DEFAULT_EXPERIM
     starts = [e for e in events if e["event"] == "start"]
     if not starts:
         raise ValueError(f"{run_dir / JOURNAL_NAME} has no 'start' event")
-    result = run_dir / "result.json"
+    from mpvg.run.layout import RESULT
+
+    result = run_dir / RESULT
     data = json.loads(result.read_text()) if result.is_file() else None
     known = [e["run_id"] for e in events if e["event"] == "mlflow_run"] or [(data or {}).get("mlflow_run_id")]
     tags = {k: v for e in starts for k, v in e["tags"].items()}  # the latest value of each tag

@@ -36,7 +36,7 @@ DRY_RUN = any(a in ("-n", "--dry-run", "--dryrun", "--dry_run") or
 # .venv/bin/snakemake without activating the venv).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 # A job whose parent (Snakemake, or the SLURM job step) dies saves a checkpoint and stops
-# (mpvg.training.runfolder.StopSignal): no run goes on unsupervised.
+# (mpvg.run.folder.StopSignal): no run goes on unsupervised.
 os.environ["MPVG_STOP_WITH_PARENT"] = "1"
 
 if config.get("cluster") == "slurm" and P["scale"] == "tiny":
@@ -196,7 +196,7 @@ def jobs_without_partition():
 def runs_still_going():
     """Jobs about to run whose run folder another process still writes (e.g. a SLURM job left by a
     Snakemake that was killed): starting them would fail on the folder's lock."""
-    from mpvg.training.runfolder import holder_text, lock_holder
+    from mpvg.run.folder import holder_text, lock_holder
 
     out = []
     for job in workflow.dag.needrun_jobs():

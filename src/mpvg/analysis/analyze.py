@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from mpvg.analysis import figures
 from mpvg.analysis.extract import CellData
+from mpvg.run.layout import CHECKPOINT
 
 TASK = "in1k"
 
@@ -99,7 +100,7 @@ class Loader:
     def checkpoint(self, cid: str) -> Optional[Path]:
         stage = self.cells[cid].stage
         for s in self.seeds:
-            path = self.runs / stage / cid / f"seed{s}" / "checkpoint.pt"
+            path = self.runs / stage / cid / f"seed{s}" / CHECKPOINT
             if path.is_file():
                 return path
         return None

@@ -101,14 +101,14 @@ def summarize(cell: str, out: Mapping[str, Any], gamma, beta, images, samples: i
 def load_model(checkpoint: Path | str, fallback_name: Optional[str] = None, fallback_kwargs: Optional[dict] = None):
     """The trained network of a checkpoint, in eval mode.
 
-    The checkpoint names the timm model and its kwargs (training/checkpoint.py); the cell's
+    The checkpoint names the timm model and its kwargs (mpvg.run.checkpoint); the cell's
     resolved run is the fallback for checkpoints that do not.
     """
     import timm
 
     import mpvg.models  # noqa: F401  (registers the models with timm)
     from mpvg.models.checkpoint import unwrap_state_dict
-    from mpvg.training.checkpoint import load_checkpoint
+    from mpvg.run.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     name = ckpt.get("model_name") or fallback_name

@@ -43,10 +43,9 @@ def _tiny(args: argparse.Namespace) -> int:
     from mpvg.data.tiny import TINY_NAMES, make_tiny
 
     status = make_tiny(args.out, args.what, args.seed)
-    notes = {"written": "written", "exists": "already complete",
-             "skipped": "skipped (its module mpvg.data.{} is not in this checkout)"}
+    notes = {"written": "written", "exists": "already complete"}
     for name, state in status.items():
-        print(f"{name}: {Path(args.out) / TINY_NAMES[name]}: {notes[state].format(name)}")
+        print(f"{name}: {Path(args.out) / TINY_NAMES[name]}: {notes[state]}")
     return 0
 
 

@@ -83,7 +83,3 @@ def fingerprint(name: str, root: str | os.PathLike, cache: bool = True) -> dict 
     value = READERS[name](Path(root)) if Path(root).is_dir() else None
     _CACHE[key] = value
     return value
-
-
-def clear_cache() -> None:
-    _CACHE.clear()

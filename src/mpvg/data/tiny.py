@@ -93,21 +93,15 @@ def write_cifar_layout(root: Path, seed: int = 0) -> None:
         pickle.dump({"fine_label_names": names, "coarse_label_names": ["digits"]}, f, protocol=2)
 
 
-def _writer(what: str) -> Callable[[Path, int], None] | None:
-    """The function that writes dataset ``what``, or None when its module is absent."""
+def _writer(what: str) -> Callable[[Path, int], None]:
+    """The function that writes dataset ``what`` (COCO and ADE20K: their own modules')."""
     if what == "imagenet":
         return write_imagenet_layout
     if what == "cifar100":
         return write_cifar_layout
     import importlib
 
-    try:
-        module = importlib.import_module(f"mpvg.data.{what}")
-    except ModuleNotFoundError as err:
-        if err.name == f"mpvg.data.{what}":
-            return None
-        raise
-    return module.make_tiny
+    return importlib.import_module(f"mpvg.data.{what}").make_tiny
 
 
 def is_complete(path: Path) -> bool:
@@ -115,7 +109,7 @@ def is_complete(path: Path) -> bool:
 
 
 def make_tiny(out: str | Path, what: str = "all", seed: int = 0) -> dict[str, str]:
-    """Write the tiny datasets under ``out``; returns ``{name: "written" | "exists" | "skipped"}``.
+    """Write the tiny datasets under ``out``; returns ``{name: "written" | "exists"}``.
 
     Each goes to ``out/.tmp-<name>-XXXX`` first and is renamed to ``out/<layout name>`` once
     complete (with a marker file); an existing complete one is left alone.
@@ -134,9 +128,6 @@ def make_tiny(out: str | Path, what: str = "all", seed: int = 0) -> dict[str, st
             raise FileExistsError(f"{final} exists but was not completed by `mpvg data tiny` "
                                   f"(no {MARKER}); remove it and re-run")
         writer = _writer(name)
-        if writer is None:
-            status[name] = "skipped"
-            continue
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out))
         try:

@@ -37,7 +37,6 @@ from .deform_attn import MSDeformAttn, Shapes
 DEFAULT_INTERACTIONS = ((0, 2), (3, 5), (6, 8), (9, 11))
 # ViT-Adapter-Ti Mask R-CNN config: windowed attention (14x14) in all blocks but 2, 5, 8, 11.
 DETECTION_WINDOW_ATTN = tuple(i % 3 != 2 for i in range(12))
-DETECTION_WINDOW_SIZE = 14
 
 
 def reference_points(shapes: Shapes, device: torch.device) -> torch.Tensor:
@@ -407,7 +406,7 @@ def build_vit_adapter(method: str = "default", pe_overrides: Optional[dict] = No
                             **dict(arch_overrides or {}))
     if pretrained is not None:
         if not isinstance(pretrained, dict):
-            from mpvg.training.checkpoint import load_checkpoint
+            from mpvg.run.checkpoint import load_checkpoint
 
             pretrained = load_checkpoint(pretrained)
         load_pretrained_vit(vit, pretrained)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpvg.training import REQUEUE_EXIT_CODE
+from mpvg.run import REQUEUE_EXIT_CODE
 
 TASKS = {
     "detect": ("COCO instance segmentation with Mask R-CNN", "coco-deit_ti-mpvg", "box/mask AP", "Table 3"),
@@ -19,7 +19,7 @@ TASKS = {
 
 def register(subparsers) -> None:
     from mpvg.config import add_params_arguments
-    from mpvg.training.commands import add_device_arguments, add_on_change_argument, seed_type
+    from mpvg.run.commands import add_device_arguments, add_on_change_argument, seed_type
 
     for task, (what, example, metric, table) in TASKS.items():
         top = subparsers.add_parser(task, help=f"{what} on a ViT-Adapter-Ti of each PE method ({table})",
@@ -36,13 +36,13 @@ def register(subparsers) -> None:
         t.add_argument("--cell", required=True, help=f"cell id, e.g. {example}")
         t.add_argument("--seed", type=seed_type, default=0, help="seed (also picks the pretrained seed; default 0)")
         t.add_argument("--out", type=Path, default=None, help="run folder (default <paths.runs>/<stage>/<cell>/seed<k>)")
-        t.add_argument("--pretrained", "--init-from", dest="pretrained", type=Path, default=None, metavar="CKPT",
+        t.add_argument("--init-from", "--pretrained", dest="init_from", type=Path, default=None, metavar="CKPT",
                        help="ImageNet checkpoint of the cell's PE method (default: "
                        "<paths.runs>/train/<init_from cell>/seed<k>/checkpoint.pt)")
         add_device_arguments(t)
         t.add_argument("--no-resume", action="store_true", help="fail if OUT/checkpoint.pt exists")
         add_on_change_argument(t)
-        t.add_argument("--eval-interval", type=int, default=None, metavar="ITERS",
+        t.add_argument("--eval-every", "--eval-interval", dest="eval_every", type=int, default=None, metavar="ITERS",
                        help="evaluate every ITERS iterations (0: only at the end; default: the recipe's)")
         t.add_argument("--log-interval", type=int, default=20, metavar="ITERS", help="iterations between loss logs")
         t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -63,20 +63,21 @@ def register(subparsers) -> None:
 
 def _train(args) -> int:
     from mpvg.config import params_from_args, resolve_run
-    from mpvg.downstream.engine import DownstreamOptions, train
-    from mpvg.training.commands import run_training_job, start_point_expectation, tracking_settings
+    from mpvg.downstream.engine import train
+    from mpvg.run.commands import run_training_job, start_point_expectation, tracking_settings
+    from mpvg.run.loop import RunOptions
 
     def job():
         params = params_from_args(args)
         spec = resolve_run(params, args.cell)
         uri, experiment = tracking_settings(args, params)
-        opts = DownstreamOptions(
+        opts = RunOptions(
             out_dir=args.out or spec.run_dir(args.seed), seed=args.seed, device=args.device, amp=args.amp,
-            pretrained=args.pretrained,
-            pretrained_expected=start_point_expectation(params, spec, args.seed,
-                                                        args.pretrained or spec.init_checkpoint(args.seed)),
+            init_from=args.init_from,
+            init_expected=start_point_expectation(params, spec, args.seed,
+                                                  args.init_from or spec.init_checkpoint(args.seed)),
             resume=not args.no_resume, on_change=args.on_change, quiet=args.quiet, num_workers=args.workers,
-            log_interval=max(1, args.log_interval), eval_interval=args.eval_interval,
+            log_interval=max(1, args.log_interval), eval_every=args.eval_every,
             tracking_uri=None if args.no_tracking else uri, experiment=experiment)
         train(spec, args.task, opts)
 
@@ -87,7 +88,7 @@ def _eval(args) -> int:
     from mpvg.config import params_from_args, resolve_run
     from mpvg.downstream.engine import evaluate_checkpoint
     from mpvg.runinfo import write_json_atomic
-    from mpvg.training.commands import expected_errors, fail
+    from mpvg.run.commands import expected_errors, fail
 
     try:
         spec = resolve_run(params_from_args(args), args.cell)

@@ -2,12 +2,12 @@
 
 One iteration-based loop serves both tasks (the COCO 3x schedule is 36 epochs of
 ``len(train) // batch`` iterations, ADE20K's is 160k iterations); what differs is in a
-:class:`Task` (datasets, model, loss, evaluation).  The plumbing is the classification
-trainer's (:mod:`mpvg.training.engine`): the data order is a function of ``(seed, epoch)``
-and each sample's augmentation of ``(seed, epoch, position)`` (``EpochSampler`` +
-``SeededSamples``), checkpoints are atomic (:mod:`mpvg.training.checkpoint`), SIGTERM /
-SIGUSR1 save a checkpoint and exit with ``REQUEUE_EXIT_CODE``, tracking is
-:mod:`mpvg.tracking`, ``result.json`` is written last (:mod:`mpvg.runinfo`).  The learning
+:class:`Task` (datasets, model, loss, evaluation).  The plumbing is the run layer's
+(:mod:`mpvg.run`), as for classification: the data order is a function of ``(seed, epoch)``
+and each sample's augmentation of ``(seed, epoch, position)`` (:mod:`mpvg.run.seeding`),
+checkpoints are atomic (:mod:`mpvg.run.checkpoint`), SIGTERM / SIGUSR1 save a checkpoint and
+exit with ``REQUEUE_EXIT_CODE``, tracking is :mod:`mpvg.tracking`, ``result.json`` is written
+last (:mod:`mpvg.run.folder`).  The learning
 rate is a pure function of the iteration (MMCV's warmup + step / poly policies), so a resumed
 run continues the same schedule.
 
@@ -30,12 +30,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from mpvg import runinfo
-from mpvg.training import distributed
-from mpvg.training.checkpoint import load_checkpoint, rng_state, set_rng_state
-from mpvg.training.engine import (EpochSampler, SeededSamples, derive_seed, pe_dict, progress_bar, resolve_amp,
-                                  seed_everything, unwrap)
-from mpvg.training.runfolder import (NonFiniteLossError, Preempted, RunFolder, ending_run, load_start_point,
-                                     open_run)
+from mpvg.run import distributed
+from mpvg.run.checkpoint import load_checkpoint
+from mpvg.run.folder import NonFiniteLossError, Preempted, RunFolder, ending_run, load_start_point, open_run
+from mpvg.run.layout import RESULT
+from mpvg.run.loop import (RunOptions, all_rng_states, count_params, optimizer_step, pe_dict, progress_bar, resolve_amp,
+                           start_tracking, unwrap, wrap)
+from mpvg.run.seeding import seed_epoch, seed_everything, train_loader
 
 log = logging.getLogger("mpvg.downstream")
 
@@ -62,26 +63,6 @@ SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "eval_interval": 16000,        # iterations
     "checkpoint_interval": 1000,   # iterations
 }
-
-
-@dataclasses.dataclass
-class DownstreamOptions:
-    """Command-line knobs of one job (the recipe comes from the RunSpec)."""
-
-    out_dir: Path
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    pretrained: Path | None = None   # None: the RunSpec's init checkpoint (same seed)
-    pretrained_expected: dict | None = None  # signature inputs the pretrained checkpoint must have
-    resume: bool = True
-    on_change: str = "set-aside"     # the run folder holds other settings: set-aside | fail
-    quiet: bool = False
-    num_workers: int | None = None
-    log_interval: int = 20
-    eval_interval: int | None = None  # iterations; None: the recipe's; 0: only at the end
-    tracking_uri: str | None = None
-    experiment: str = "mpvg"
 
 
 def recipe_value(recipe: Mapping, key: str, defaults: Mapping) -> Any:
@@ -338,24 +319,25 @@ def _iter_progress(loader, desc: str, quiet: bool):
 
 
 # ------------------------------------------------------------------------------ training
-def train(spec, task_name: str, opts: DownstreamOptions) -> dict[str, Any]:
+def train(spec, task_name: str, opts: RunOptions) -> dict[str, Any]:
     """Fine-tune one detection / segmentation cell for one seed; returns what result.json holds.
 
-    The run folder's life cycle is :func:`mpvg.training.runfolder.open_run`, as for classification.
+    The run folder's life cycle is :func:`mpvg.run.folder.open_run`, as for classification. Starts
+    from ``opts.init_from``, else the cell's planned ImageNet checkpoint (same seed).
     Raises :class:`Preempted` after checkpointing on a stop request and :class:`NonFiniteLossError`
     when the loss is NaN/inf.
     """
     from mpvg.signature import cell_inputs
 
     _check_stage(spec, task_name)
-    path = opts.pretrained or spec.init_checkpoint(opts.seed)
+    path = opts.init_from or spec.init_checkpoint(opts.seed)
     if path is None:
         raise ValueError(f"cell {spec.cell.id} has no init_from; pass --pretrained CKPT")
     if not Path(path).is_file():
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist; train cell {spec.cell.init_from} "
                                 f"seed {opts.seed} first (`mpvg train --cell {spec.cell.init_from} --seed {opts.seed}`) "
                                 "or pass --pretrained")
-    state, init_signature = load_start_point(path, opts.pretrained_expected)
+    state, init_signature = load_start_point(path, opts.init_expected)
     inputs = cell_inputs(spec, opts.seed, init_signature)
     with open_run(opts.out_dir, inputs, opts.device, opts.resume, opts.on_change, state) as run:
         if run.finished is not None:
@@ -363,9 +345,28 @@ def train(spec, task_name: str, opts: DownstreamOptions) -> dict[str, Any]:
         return _train(spec, task_name, opts, run, Path(path))
 
 
-def _train(spec, task_name: str, opts: DownstreamOptions, run: RunFolder, pretrained_path: Path) -> dict[str, Any]:
+def eval_every_iters(recipe: Mapping[str, Any], task_name: str, ipe: int, opts: RunOptions) -> int:
+    """Iterations between evaluations: ``opts.eval_every`` when given, else the recipe's (detection
+    counts it in epochs, MMDetection's ``interval``); 0: only at the end."""
+    if opts.eval_every is not None:
+        return opts.eval_every
+    if task_name == "detect":
+        return int(recipe_value(recipe, "eval_interval_epochs", DETECTION_DEFAULTS)) * ipe
+    return int(recipe_value(recipe, "eval_interval", SEGMENTATION_DEFAULTS))
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Mapping[str, Any], defaults: Mapping[str, Any]):
+    """AdamW over :func:`param_groups`; each group's ``base_lr`` is what :func:`lr_factor` scales."""
+    groups = param_groups(model, recipe, _adapter_of(model).depth)
+    optimizer = torch.optim.AdamW(groups, lr=float(recipe["lr"]), betas=tuple(recipe_value(recipe, "betas", defaults)),
+                                  weight_decay=float(recipe["weight_decay"]))
+    for g in optimizer.param_groups:
+        g["base_lr"] = float(recipe["lr"]) * g["lr_scale"]
+    return optimizer
+
+
+def _train(spec, task_name: str, opts: RunOptions, run: RunFolder, init_path: Path) -> dict[str, Any]:
     from mpvg.models.checkpoint import unwrap_state_dict
-    from mpvg.tracking import RunTracker
 
     dist, out, stop, job_start = run.dist, run.out, run.stop, run.job_start
     recipe, device, seed, cell = spec.recipe, dist.device, opts.seed, spec.cell
@@ -374,20 +375,12 @@ def _train(spec, task_name: str, opts: DownstreamOptions, run: RunFolder, pretra
     global_batch = int(recipe["batch_size"])
     local_batch = global_batch // dist.world_size
     workers = recipe.get("workers", 0) if opts.num_workers is None else opts.num_workers
-    sampler = EpochSampler(len(task.train_set), global_batch, seed, dist.rank, dist.world_size)
-    loader = DataLoader(SeededSamples(task.train_set), batch_size=local_batch, sampler=sampler, num_workers=workers,
-                        collate_fn=task.collate, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        generator=torch.Generator())
+    sampler, loader = train_loader(task.train_set, global_batch, seed, dist, workers, collate=task.collate)
     ipe = sampler.steps_per_epoch
     total_iters = int(recipe["epochs"]) * ipe if task_name == "detect" else int(recipe["iters"])
     defaults = DETECTION_DEFAULTS if task_name == "detect" else SEGMENTATION_DEFAULTS
     ckpt_every = int(recipe_value(recipe, "checkpoint_interval", defaults)) or ipe
-    if opts.eval_interval is not None:
-        eval_every = opts.eval_interval
-    elif task_name == "detect":
-        eval_every = int(recipe_value(recipe, "eval_interval_epochs", defaults)) * ipe
-    else:
-        eval_every = int(recipe_value(recipe, "eval_interval", defaults))
+    eval_every = eval_every_iters(recipe, task_name, ipe, opts)
 
     sd = unwrap_state_dict(run.init_state)
     run.init_state = None
@@ -398,12 +391,8 @@ def _train(spec, task_name: str, opts: DownstreamOptions, run: RunFolder, pretra
     if dist.distributed and device.type == "cuda":  # BN statistics over the global batch (SyncBN is CUDA-only)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    groups = param_groups(model, recipe, _adapter_of(model).depth)
-    optimizer = torch.optim.AdamW(groups, lr=float(recipe["lr"]), betas=tuple(recipe_value(recipe, "betas", defaults)),
-                                  weight_decay=float(recipe["weight_decay"]))
-    for g in optimizer.param_groups:
-        g["base_lr"] = float(recipe["lr"]) * g["lr_scale"]
+    n_params = count_params(model)
+    optimizer = build_optimizer(model, recipe, defaults)
     amp_dtype = resolve_amp(opts.amp, recipe, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -420,36 +409,20 @@ def _train(spec, task_name: str, opts: DownstreamOptions, run: RunFolder, pretra
         log.info("resumed from %s at iteration %d of %d", ckpt_path, start_it, total_iters)
         del ckpt
 
-    if dist.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        train_model = model
-
-    tracker = RunTracker(out, opts.tracking_uri or "", opts.experiment, enabled=dist.is_main,
-                         use_mlflow=bool(opts.tracking_uri))
-    tags = {"model": cell.model, "method": cell.method, "dataset": spec.dataset, "seed": seed, "stage": cell.stage,
-            "cell": cell.id, "scale": spec.scale, "task": cell.task, "git_commit": runinfo.git_commit(),
-            "slurm_job_id": runinfo.slurm_job_id(), "device": device.type, "world_size": dist.world_size}
-    tracked = {"recipe": dict(recipe), "model": {"name": spec.model_name, **spec.model_kwargs},
-               "run": {"seed": seed, "world_size": dist.world_size, "local_batch": local_batch,
-                       "amp": str(amp_dtype), "pretrained": str(pretrained_path), "params": n_params,
-                       "total_iters": total_iters}}
-    run_id = distributed.broadcast_object(tracker.start(f"{cell.id}-seed{seed}", tags, tracked, run_id=run_id))
+    train_model = wrap(model, dist)
+    tracker, run_id = start_tracking(run, spec, opts, {
+        "seed": seed, "world_size": dist.world_size, "local_batch": local_batch, "amp": str(amp_dtype),
+        "pretrained": str(init_path), "params": n_params, "total_iters": total_iters}, run_id)
 
     def checkpoint(it: int) -> None:
-        states = [rng_state()]
-        if dist.distributed:
-            states = [None] * dist.world_size
-            torch.distributed.all_gather_object(states, rng_state())
         run.save({
             "model": unwrap(model).state_dict(), "model_name": spec.model_name,
             "model_kwargs": spec.model_kwargs, "task": task_name, "num_classes": task.num_classes,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": it,
-            "epoch": it // ipe, "step": it % ipe, "rng": states,
+            "epoch": it // ipe, "step": it % ipe, "rng": all_rng_states(dist),
             "data": {"seed": seed, "global_batch": global_batch},
             "elapsed_s": elapsed_before + time.time() - job_start, "history": history,
-            "mlflow_run_id": run_id, "cell": cell.id, "seed": seed, "pretrained": str(pretrained_path),
+            "mlflow_run_id": run_id, "cell": cell.id, "seed": seed, "pretrained": str(init_path),
             "pretrain_img_size": pretrain_size})
 
     def run_eval(it: int) -> dict[str, float]:
@@ -461,8 +434,7 @@ def _train(spec, task_name: str, opts: DownstreamOptions, run: RunFolder, pretra
 
     log.info("%s %s seed %d: %.2fM params, %d iterations (%d per epoch), batch %d (%d per process), lr %.3g, "
              "pretrained %s", task_name, cell.id, seed, n_params / 1e6, total_iters, ipe, global_batch,
-             local_batch, recipe["lr"], pretrained_path)
-    metrics = None
+             local_batch, recipe["lr"], init_path)
     with ending_run(tracker):
         it = start_it
         pbar = progress_bar(total_iters, start_it, f"{task_name} {cell.id}", not opts.quiet and dist.is_main)
@@ -470,11 +442,8 @@ def _train(spec, task_name: str, opts: DownstreamOptions, run: RunFolder, pretra
         while it < total_iters:
             epoch, step = divmod(it, ipe)
             sampler.set_epoch(epoch, step)
-            if rng_states is not None:
-                set_rng_state(rng_states)
-                rng_states = None
-            else:
-                seed_everything(derive_seed(seed, epoch, dist.rank, step))
+            seed_epoch(seed, epoch, dist.rank, step, rng_states)
+            rng_states = None
             train_model.train()
             for batch in loader:
                 for g in optimizer.param_groups:
@@ -482,13 +451,7 @@ def _train(spec, task_name: str, opts: DownstreamOptions, run: RunFolder, pretra
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = task.loss(train_model, batch, device)
                 loss = sum(losses.values())
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if recipe.get("clip_grad"):
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(loss, model, optimizer, scaler, recipe.get("clip_grad"))
                 it += 1
                 pending.append(torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()]))
                 boundary = it % ipe == 0 or it == total_iters
@@ -509,13 +472,14 @@ def _train(spec, task_name: str, opts: DownstreamOptions, run: RunFolder, pretra
                 row = {"train_loss": float(mean[0]), **{k: float(v) for k, v in zip(losses, mean[1:])},
                        "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]}
                 tracker.log_metrics(row, step=it)
+                log.info("iteration %d/%d  loss %.4f  lr %.3g", it, total_iters, row["train_loss"], row["lr"])
                 pending = []
                 pbar.update(it - last_sync)
                 last_sync = it
                 pbar.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{row['lr']:.2e}",
                                  it_s=f"{(it - start_it) / max(time.time() - t0, 1e-9):.2f}")
                 if eval_every and it % eval_every == 0 and it < total_iters:
-                    metrics = run_eval(it)
+                    run_eval(it)
                     train_model.train()
                 if it % ckpt_every == 0 or it == total_iters or flags[1]:
                     checkpoint(it)
@@ -537,13 +501,12 @@ def _train(spec, task_name: str, opts: DownstreamOptions, run: RunFolder, pretra
                       "metrics_extra": {k: v for k, v in metrics.items() if k not in task.metric_keys},
                       "epochs": math.ceil(total_iters / ipe), "iters": total_iters},
             wall_time_s=wall, device_type=device.type, world_size=dist.world_size, checkpoint=ckpt_path,
-            mlflow_run_id=run_id, init_from=pretrained_path, history=history)
+            mlflow_run_id=run_id, init_from=init_path, history=history)
         if dist.is_main:
             result = run.publish(tracker, result, metrics, total_iters)
             log.info("done: %s seed %d  %s  (%.1f s) -> %s", cell.id, seed,
-                     "  ".join(f"{k} {metrics[k]:.2f}" for k in task.metric_keys), wall, out / "result.json")
+                     "  ".join(f"{k} {metrics[k]:.2f}" for k in task.metric_keys), wall, out / RESULT)
         return result
-
 
 def _adapter_of(model: torch.nn.Module):
     from mpvg.downstream.adapter import ViTAdapter

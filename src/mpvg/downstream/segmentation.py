@@ -174,7 +174,7 @@ class IoUAccumulator:
         self.totals += np.stack(intersect_and_union(pred, label, self.num_classes, self.ignore_index))
 
     def all_reduce(self) -> None:
-        from mpvg.training.distributed import all_reduce
+        from mpvg.run.distributed import all_reduce
 
         t = torch.from_numpy(self.totals.copy())
         if torch.distributed.is_available() and torch.distributed.is_initialized() \

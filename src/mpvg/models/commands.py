@@ -35,13 +35,10 @@ def _params(args) -> int:
     from .params import format_table, params_table, undocumented_mismatches
 
     rows = params_table(tuple(args.table or (1, 2)))
-    missing = sorted({r.model for r in rows if r.params is None})
     if args.json:
-        print(json.dumps([r.as_json() for r in rows if r.params is not None], indent=1))
+        print(json.dumps([r.as_json() for r in rows], indent=1))
     else:
         print(format_table(rows))
-    if missing:
-        print(f"note: not in this checkout: {', '.join(missing)}", file=sys.stderr)
     bad = undocumented_mismatches(rows)
     for r in bad:
         print(f"error: table {r.table} {r.model} {r.method}: {r.params} does not match the paper's "
@@ -57,7 +54,7 @@ def _models(args) -> int:
     names = registered_models()
     paper = {v: k for k, v in PAPER_MODELS.items()}
     if args.methods:
-        pairs = list_model_methods(available_only=True)
+        pairs = list_model_methods()
         if args.json:
             print(json.dumps([p._asdict() for p in pairs], indent=1))
         else:

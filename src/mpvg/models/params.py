@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from .registry import METHOD_KEYS, METHODS, PAPER_MODELS, registered_models
+from .registry import METHOD_KEYS, METHODS, PAPER_MODELS
 
 #: The paper's #Params (M), Table 1 (ImageNet-1K, 1000 classes, 224x224) and Table 2
 #: (CIFAR-100, 100 classes; ViT-Lite at 32x32, T2T-ViT-7 fine-tuned from ImageNet at 224x224).
@@ -77,14 +77,10 @@ class ParamRow:
     table: int
     model: str
     method: str
-    params: Optional[int]        # None when the model is not available in this checkout
+    params: int
     paper_m: float               # the paper's figure (M)
-    match: Optional[bool]        # floor(params / 1e3) / 1e3 == paper_m
+    match: bool                  # floor(params / 1e3) / 1e3 == paper_m
     exception: Optional[str]     # the documented reason when this cell is an exception
-
-    @property
-    def params_m(self) -> Optional[float]:
-        return None if self.params is None else self.params / 1e6
 
     def as_json(self) -> dict:
         return {"table": self.table, "model": self.model, "method": self.method, "params": self.params}
@@ -130,15 +126,11 @@ def table_cells(tables: Iterable[int] = (1, 2)) -> list[tuple[int, str, str]]:
 
 
 def params_table(tables: Iterable[int] = (1, 2)) -> list[ParamRow]:
-    """Every cell of the tables, in the paper's order; unavailable models give ``params=None``."""
-    available = set(registered_models())
+    """Every cell of the tables, in the paper's order."""
     exceptions = documented_exceptions()
     rows = []
     for table, model, method in table_cells(tables):
         paper_m = PAPER_PARAMS[(table, model, method)]
-        if PAPER_MODELS[model] not in available:
-            rows.append(ParamRow(table, model, method, None, paper_m, None, None))
-            continue
         count = cell_params(table, model, method)
         rows.append(ParamRow(table, model, method, count, paper_m, matches(count, paper_m),
                              exceptions.get((table, model, method))))
@@ -150,7 +142,7 @@ def undocumented_mismatches(rows: Iterable[ParamRow]) -> list[ParamRow]:
     exceptions = documented_exceptions()
     bad = []
     for row in rows:
-        if row.params is None or row.match:
+        if row.match:
             continue
         key = (row.table, row.model, row.method)
         if key not in exceptions or abs(row.params / 1e6 - row.paper_m) >= EXCEPTION_TOLERANCE_M:
@@ -162,16 +154,8 @@ def format_table(rows: list[ParamRow]) -> str:
     lines = [f"{'table':>5}  {'model':<10} {'method':<8} {'#params':>12} {'ours (M)':>9} "
              f"{'paper (M)':>9}  match"]
     for r in rows:
-        if r.params is None:
-            ours, count, mark = "-", "-", "n/a (model not in this checkout)"
-        else:
-            ours, count = f"{floor_m(r.params):.3f}", f"{r.params:,}"
-            mark = "yes" if r.match else ("no (documented exception, see docs/models.md)"
-                                          if r.exception else "NO")
+        ours, count = f"{floor_m(r.params):.3f}", f"{r.params:,}"
+        mark = "yes" if r.match else ("no (documented exception, see docs/models.md)" if r.exception else "NO")
         lines.append(f"{r.table:>5}  {r.model:<10} {r.method:<8} {count:>12} {ours:>9} "
                      f"{r.paper_m:>9.3f}  {mark}")
     return "\n".join(lines)
-
-
-def rows_as_dicts(rows: Iterable[ParamRow]) -> list[dict]:
-    return [asdict(r) for r in rows]

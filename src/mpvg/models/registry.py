@@ -23,9 +23,6 @@ PAPER_MODELS: dict[str, str] = {
     "ViT-Lite": "mpvg_vit_lite_7_4",
 }
 
-#: The ViT family (``forward_analysis``, :class:`~mpvg.models.vit.MPVGVisionTransformer` or CeiT).
-VIT_FAMILY = ("DeiT-Ti", "DeiT-S", "DeiT-B", "CeiT-Ti", "T2T-ViT-7", "ViT-Lite")
-
 #: Paper method names, in the tables' order.
 METHODS: tuple[str, ...] = tuple(PAPER_METHOD_NAMES[k] for k in PE_METHODS)  # Default, LaPE, PVG, MPVG
 METHOD_KEYS: dict[str, str] = {PAPER_METHOD_NAMES[k]: k for k in PE_METHODS}
@@ -79,21 +76,13 @@ def registered_models() -> list[str]:
     return sorted(timm.list_models("mpvg_*"))
 
 
-def is_available(model: str) -> bool:
-    """Whether the model (paper or timm name) is registered (its module exists)."""
-    return timm_name(model) in registered_models()
-
-
-def list_model_methods(models=None, methods=None, available_only: bool = False) -> list[ModelMethod]:
+def list_model_methods(models=None, methods=None) -> list[ModelMethod]:
     """Every (model, method) pair, models in ``PAPER_MODELS`` order and methods in table order."""
     models = list(PAPER_MODELS) if models is None else [paper_name(m) for m in models]
     methods = list(METHODS) if methods is None else [method_name(m) for m in methods]
-    available = set(registered_models()) if available_only else None
     out = []
     for model in models:
         name = PAPER_MODELS[model]
-        if available is not None and name not in available:
-            continue
         for method in methods:
             out.append(ModelMethod(model, method, name, METHOD_KEYS[method]))
     return out

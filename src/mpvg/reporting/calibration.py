@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 
 from mpvg.reporting.render import Table
 from mpvg.reporting.tables import MISSING, PENDING, scale_note
+from mpvg.run.layout import RESULT
 
 
 class Published(NamedTuple):
@@ -45,7 +46,7 @@ CALIBRATION_DIR = "calibration"  # <paths.runs>/calibration/<cell>/result.json (
 
 
 def result_path(runs_dir: Path | str, cell: str) -> Path:
-    return Path(runs_dir) / CALIBRATION_DIR / cell / "result.json"
+    return Path(runs_dir) / CALIBRATION_DIR / cell / RESULT
 
 
 def load_calibration(runs_dir: Path | str) -> dict[str, dict]:

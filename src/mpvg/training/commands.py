@@ -1,8 +1,9 @@
 """``mpvg train``, ``mpvg eval`` and ``mpvg tracking {init,sync}`` (argparse only at import time).
 
 Exit codes of ``mpvg train``: 0 finished (result.json written); 1 the loss became NaN/inf
-(last good checkpoint kept) or an unexpected error; 2 bad configuration, data or arguments;
-75 (``mpvg.training.REQUEUE_EXIT_CODE``, EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after saving a
+(last good checkpoint kept), a run-folder file that could not be written (full disk; the file
+before is kept) or an unexpected error; 2 bad configuration, data or arguments;
+75 (``mpvg.run.REQUEUE_EXIT_CODE``, EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after saving a
 checkpoint: requeue the job and the same command resumes it.
 """
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from mpvg.training import REQUEUE_EXIT_CODE
+from mpvg.run import REQUEUE_EXIT_CODE
+from mpvg.run.commands import (add_device_arguments, add_on_change_argument, expected_errors, fail,
+                                 run_training_job, seed_type, start_point_expectation, tracking_settings)
 
 
 def register(subparsers) -> None:
@@ -105,95 +108,16 @@ def register(subparsers) -> None:
     ts.set_defaults(func=_tracking_sync)
 
 
-def add_device_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                   help="autocast dtype (auto: bf16 on CUDA when the recipe says amp, none on CPU)")
-    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: the recipe's)")
-
-
-def seed_type(text: str) -> int:
-    """argparse type of ``--seed``: a non-negative integer (argparse names the flag in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def add_on_change_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--on-change", choices=("set-aside", "fail"), default="set-aside",
-                   help="when OUT holds a run of other settings (its signature differs): move it to "
-                   "OUT/previous/<time>/ and start fresh (set-aside, the default) or stop (fail)")
-
-
-def start_point_expectation(params, spec, seed: int, path) -> dict | None:
-    """The signature inputs the start point of ``spec`` must have, when ``path`` is the checkpoint of
-    its planned start cell (same seed); None for any other file (official weights, a user's file)."""
-    from mpvg.signature import expected_inputs
-
-    if spec.cell.init_from is None or path is None:
-        return None
-    planned = spec.init_checkpoint(seed)
-    if planned is None or Path(path).resolve() != planned.resolve():
-        return None
-    return expected_inputs(params, spec.cell.init_from, seed)
-
-
-def fail(command: str, err: BaseException, code: int = 2) -> int:
-    print(f"mpvg {command}: error: {err}", file=sys.stderr)
-    return code
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    from mpvg.config import ConfigError
-    from mpvg.data import DatasetError
-
-    from mpvg.training.runfolder import RunLockedError
-
-    return ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError, RunLockedError
-
-
-def tracking_settings(args, params) -> tuple[str, str]:
-    from mpvg.runinfo import project_root
-    from mpvg.tracking import experiment_name, resolve_tracking_uri
-
-    return resolve_tracking_uri(params, project_root(Path(args.params).resolve().parent)), experiment_name(params)
-
-
-def run_training_job(command: str, job) -> int:
-    """Run ``job()`` (a training job of ``mpvg train`` or ``mpvg detect|segment train``) and turn
-    its outcome into the exit code the workflow acts on: 0 done, REQUEUE_EXIT_CODE preempted after
-    a checkpoint, 1 non-finite loss, 2 bad config/data/arguments."""
-    from mpvg.training.runfolder import NonFiniteLossError, Preempted
-
-    try:
-        job()
-    except Preempted as err:
-        print(f"mpvg {command}: {err}; exit {REQUEUE_EXIT_CODE} (requeue): the same command resumes it",
-              file=sys.stderr)
-        return REQUEUE_EXIT_CODE
-    except NonFiniteLossError as err:
-        return fail(command, err, 1)
-    except KeyboardInterrupt:
-        print(f"mpvg {command}: interrupted (second Ctrl-C); the last checkpoint on disk is kept", file=sys.stderr)
-        return 130
-    except expected_errors() as err:
-        return fail(command, err)
-    return 0
-
-
 def _train(args) -> int:
     from mpvg.config import params_from_args, resolve_run
-    from mpvg.training.engine import TrainOptions, train
+    from mpvg.run.loop import RunOptions
+    from mpvg.training.engine import train
 
     def job():
         params = params_from_args(args)
         spec = resolve_run(params, args.cell)
         uri, experiment = tracking_settings(args, params)
-        opts = TrainOptions(
+        opts = RunOptions(
             out_dir=args.out or spec.run_dir(args.seed), seed=args.seed, device=args.device, amp=args.amp,
             compile=args.compile, init_from=args.init_from,
             init_expected=start_point_expectation(params, spec, args.seed, args.init_from),
@@ -206,7 +130,7 @@ def _train(args) -> int:
 
 
 def _launch(args) -> int:
-    from mpvg.training.launch import launch
+    from mpvg.run.launch import launch
 
     if not args.argv:
         print("mpvg launch: error: name the mpvg sub-command to run, e.g. `mpvg launch --nproc-per-node 2 train "
@@ -220,6 +144,7 @@ def _launch(args) -> int:
 
 def _eval(args) -> int:
     from mpvg.config import params_from_args, resolve_run
+    from mpvg.run.layout import RESULT
     from mpvg.runinfo import write_json_atomic
     from mpvg.training.engine import evaluate_checkpoint
 
@@ -233,7 +158,7 @@ def _eval(args) -> int:
     print(json.dumps(result, indent=2))
     out = args.out
     if out is None and official:
-        out = spec.runs_root / "calibration" / spec.cell.id / "result.json"  # docs/contracts.md
+        out = spec.runs_root / "calibration" / spec.cell.id / RESULT  # docs/contracts.md
     if out is not None:
         write_json_atomic(out, result)
     return 0

@@ -1,26 +1,26 @@
 """The image-classification training loop behind ``mpvg train`` and ``mpvg eval``.
 
-One linear loop in the style of DeiT's ``main.py``/``engine.py`` and nanoGPT's ``train.py``:
-build data, model, optimizer, schedule, loss (all from timm's own factories with the
-recipe of params.yaml), maybe resume, then ``for epoch: train; evaluate; checkpoint``, and
-finally write ``result.json``.
+DeiT's ``main.py`` + ``engine.py`` in one file: :func:`_train` builds data, model, optimizer,
+schedule and loss (all from timm's own factories with the recipe of params.yaml), maybe resumes,
+then ``for epoch: train_one_epoch; evaluate; checkpoint``, and finally publishes ``result.json``.
+The run folder, seeding and sampling, process groups and the pieces shared with the downstream
+loop are the run layer's (:mod:`mpvg.run`).
 
 Reproducibility and resume
-    Data order is a function of ``(seed, epoch)`` only (:class:`EpochSampler`), and every
-    sample's augmentation is seeded by ``(seed, epoch, position in the epoch)``
-    (:class:`SeededSamples`), whatever the number of workers or processes. The main
-    process's generators (dropout, drop-path, mixup) are reseeded from ``(seed, epoch,
-    rank)`` at each epoch start. A run resumed from any epoch's checkpoint therefore ends
-    bit-identical to an uninterrupted one on CPU; a run stopped mid-epoch by a signal
-    resumes at the next step with the saved generator states (bit-identical in one process).
+    Data order is a function of ``(seed, epoch)`` only, every sample's augmentation of ``(seed,
+    epoch, position in the epoch)``, and the main process's generators (dropout, drop-path,
+    mixup) are reseeded from ``(seed, epoch, rank, step)`` at each epoch start
+    (:mod:`mpvg.run.seeding`). A run resumed from any epoch's checkpoint therefore ends
+    bit-identical to an uninterrupted one on CPU; a run stopped mid-epoch by a signal resumes at
+    the next step with the saved generator states (bit-identical in one process).
 
 Signals
-    SIGTERM or SIGUSR1 (SLURM preemption, ``--signal=B:USR1@120``): the current step
-    finishes, a checkpoint is written and the process exits with :data:`REQUEUE_EXIT_CODE`.
+    SIGTERM or SIGUSR1 (SLURM preemption, ``--signal=B:USR1@120``): the current step finishes, a
+    checkpoint is written and the process exits with :data:`mpvg.run.REQUEUE_EXIT_CODE`.
 
 Distributed
-    Under ``torchrun`` (or ``srun``) each process takes ``batch_size / world_size`` of the
-    recipe's global batch; gradients are averaged by DDP, so N processes follow the same
+    Under ``mpvg launch``, ``torchrun`` or ``srun`` each process takes ``batch_size / world_size``
+    of the recipe's global batch; gradients are averaged by DDP, so N processes follow the same
     trajectory as one process with the whole batch. Rank 0 alone writes files and logs.
 """
 from __future__ import annotations
@@ -28,126 +28,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import random
-import sys
 import time
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from mpvg import runinfo
-from mpvg.training import REQUEUE_EXIT_CODE, distributed  # noqa: F401  (re-exported)
-from mpvg.training.checkpoint import load_checkpoint, rng_state, set_rng_state
-from mpvg.training.runfolder import (NonFiniteLossError, Preempted, RunFolder, ending_run,  # noqa: F401
-                                     load_start_point, open_run)
+from mpvg.run import distributed
+from mpvg.run.checkpoint import load_checkpoint
+from mpvg.run.folder import NonFiniteLossError, Preempted, RunFolder, ending_run, load_start_point, open_run
+from mpvg.run.layout import MODEL_CARD, RESULT
+from mpvg.run.loop import (RunOptions, agreed, all_rng_states, count_params, optimizer_step, pe_dict, progress_bar,
+                           resolve_amp, start_tracking, unwrap, wrap)
+from mpvg.run.seeding import seed_epoch, seed_everything, train_loader
 
 log = logging.getLogger("mpvg.training")
-
-
-@dataclasses.dataclass
-class TrainOptions:
-    """The command-line knobs of one job (the recipe itself comes from the RunSpec)."""
-
-    out_dir: Path
-    seed: int = 0
-    device: str = "auto"            # auto | cpu | cuda
-    amp: str = "auto"               # auto (bf16 on CUDA when the recipe says amp) | bf16 | fp16 | none
-    compile: bool = False
-    init_from: Path | None = None
-    init_expected: dict | None = None  # signature inputs the init checkpoint must have (its cell's now)
-    resume: bool = True
-    on_change: str = "set-aside"    # the run folder holds other settings: set-aside | fail
-    quiet: bool = False
-    eval_every: int = 1             # evaluate every N epochs (0: only at the end)
-    num_workers: int | None = None  # None: the recipe's
-    log_interval: int = 20          # steps between loss checks and progress updates
-    log_checkpoint: bool = False    # upload checkpoint.pt to MLflow (default: its path only)
-    tracking_uri: str | None = None  # None: no MLflow, only <out>/metrics.jsonl
-    experiment: str = "mpvg"
-
-
-# ------------------------------------------------------------------------------ seeding
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed that is a fixed function of integers (``seed, epoch, rank, ...``)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def seed_everything(seed: int, cuda: bool = True) -> None:
-    """Seed python, numpy and torch (CPU, and every CUDA device unless ``cuda=False``)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    if cuda:
-        torch.manual_seed(seed)
-    else:
-        torch.default_generator.manual_seed(seed)
-
-
-class EpochSampler(Sampler):
-    """Training order as a function of ``(seed, epoch)``.
-
-    The epoch's order is a permutation of the dataset (each index repeated ``repeats`` times
-    in a row for DeiT's repeated augmentation, cut back to the dataset length), truncated to
-    whole global batches. Rank ``r`` of ``w`` takes positions ``r, r + w, ...``, so the ranks'
-    ``k``-th local batches together are exactly the ``k``-th global batch. Yields
-    ``(index, sample_seed)`` pairs for :class:`SeededSamples`; ``start_step`` skips the
-    global batches already trained in a resumed epoch.
-    """
-
-    def __init__(self, length: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
-                 repeats: int = 1):
-        if global_batch % world_size:
-            raise ValueError(f"batch_size {global_batch} (global) is not divisible by the world size {world_size}")
-        if length < global_batch:
-            raise ValueError(f"the training set has {length} samples, fewer than one batch of {global_batch}")
-        self.length, self.global_batch, self.seed = length, global_batch, seed
-        self.rank, self.world_size, self.repeats = rank, world_size, repeats
-        self.steps_per_epoch = length // global_batch
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        order = torch.randperm(self.length, generator=gen)
-        if self.repeats > 1:
-            order = order.repeat_interleave(self.repeats)[: self.length]
-        order = order.tolist()
-        base = derive_seed(self.seed, self.epoch, 1)
-        end = self.steps_per_epoch * self.global_batch
-        for pos in range(self.start_step * self.global_batch + self.rank, end, self.world_size):
-            yield order[pos], (base + pos) % 2**32
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.global_batch // self.world_size
-
-
-class SeededSamples(Dataset):
-    """Wraps a dataset so item ``(index, sample_seed)`` is transformed with the python, numpy
-    and torch generators seeded by ``sample_seed`` (restored afterwards in the main process)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, seed = item
-        in_main = torch.utils.data.get_worker_info() is None
-        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if in_main else None
-        seed_everything(seed, cuda=False)  # never touch the CUDA streams of dropout / drop-path
-        try:
-            return self.dataset[index]
-        finally:
-            if saved:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.set_rng_state(saved[2])
 
 
 # ------------------------------------------------------------------------------ building
@@ -206,23 +103,54 @@ def param_groups(model: torch.nn.Module, recipe: Mapping[str, Any]) -> list[dict
             for (decay, scale), ps in groups.items()]
 
 
-def resolve_amp(amp: str, recipe: Mapping[str, Any], device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: ``auto`` means bf16 on CUDA when the recipe says ``amp``, else none."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and recipe.get("amp", False) else "none"
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-    if amp not in table:
-        raise ValueError(f"unknown --amp {amp!r}; expected auto, bf16, fp16 or none")
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs CUDA; use bf16 or none on CPU")
-    return table[amp]
+def build_optimizer(model: torch.nn.Module, recipe: Mapping[str, Any], steps_per_epoch: int):
+    """timm's optimizer and scheduler for the recipe, as DeiT / timm's train.py build them."""
+    import timm.optim
+    import timm.scheduler
+
+    opt_name = {"adamw": "adamw", "sgd": "momentum"}[recipe["optimizer"]]  # timm's "sgd" is Nesterov
+    opt_kwargs = {"eps": recipe["opt_eps"]} if opt_name == "adamw" else {}
+    optimizer = timm.optim.create_optimizer_v2(param_groups(model, recipe), opt=opt_name, lr=recipe["lr"],
+                                               weight_decay=recipe["weight_decay"], momentum=recipe["momentum"],
+                                               **opt_kwargs)
+    scheduler, _ = timm.scheduler.create_scheduler_v2(
+        optimizer, sched=recipe["sched"], num_epochs=recipe["epochs"], warmup_epochs=recipe["warmup_epochs"],
+        cooldown_epochs=recipe["cooldown_epochs"], min_lr=recipe["min_lr"], warmup_lr=recipe["warmup_lr"],
+        step_on_epochs=not recipe["sched_per_step"], updates_per_epoch=steps_per_epoch)
+    return optimizer, scheduler
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model under DDP and torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+def build_criterion(recipe: Mapping[str, Any], num_classes: int, local_batch: int, world_size: int):
+    """``(mixup_fn or None, loss)``: timm's Mixup and the loss that fits it (smoothing is folded into
+    mixed targets)."""
+    import timm.data
+    import timm.loss
+
+    from mpvg.data.classification import mixup_kwargs
+
+    mix = mixup_kwargs(recipe, num_classes)
+    mixup_fn = timm.data.Mixup(**mix) if mix else None
+    if mixup_fn is not None and local_batch % 2:
+        raise ValueError(f"mixup/cutmix need an even per-process batch; got {local_batch} "
+                         f"(batch_size {recipe['batch_size']} over {world_size} processes)")
+    if mixup_fn is not None:
+        return mixup_fn, timm.loss.SoftTargetCrossEntropy()
+    if recipe["label_smoothing"] > 0:
+        return None, timm.loss.LabelSmoothingCrossEntropy(smoothing=recipe["label_smoothing"])
+    return None, torch.nn.CrossEntropyLoss()
+
+
+def batch_preparer(device: torch.device, mixup_fn: Callable | None) -> Callable:
+    """The one function the loop calls on each training batch: move it to the device and prepare it
+    there (mixup / cutmix). Transforms that run on the device go here, seeded by ``(seed, epoch,
+    step, rank)`` where they draw random numbers."""
+    def prepare(images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        return images, targets
+
+    return prepare
 
 
 # ------------------------------------------------------------------------------ one step
@@ -231,13 +159,7 @@ def train_step(model, images, targets, criterion, optimizer, scaler, amp_dtype=N
     Returns the loss (not synchronised). Shared with benchmarks/bench_train.py."""
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = criterion(model(images), targets)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip_grad:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
+    optimizer_step(loss, model, optimizer, scaler, clip_grad)
     return loss
 
 
@@ -265,35 +187,88 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
 
 
-# ------------------------------------------------------------------------------ plumbing
-def progress_bar(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False,
-                disable=not (enabled and sys.stderr.isatty()))
-
-
-def _agreed(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank."""
-    t = torch.tensor([float(flag)], device=device)
-    return bool(distributed.all_reduce(t, op="max").item())
-
-
-def _count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def pe_dict(model: torch.nn.Module) -> dict | None:
-    cfg = getattr(model, "pe_cfg", None)
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None
-
-
 # ------------------------------------------------------------------------------ training
-def train(spec, opts: TrainOptions) -> dict[str, Any]:
+@dataclasses.dataclass
+class Trainer:
+    """What one optimisation step needs, built once by :func:`_train`."""
+
+    model: torch.nn.Module          # the plain model (EMA, checkpoints, evaluation)
+    train_model: torch.nn.Module    # the model under torch.compile / DDP
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    criterion: Any
+    ema: Any
+    amp_dtype: torch.dtype | None
+    per_step: bool                  # the schedule steps per update (else per epoch)
+    clip_grad: float | None
+    num_updates: int = 0
+
+
+def train_one_epoch(t: Trainer, loader, sampler, prepare: Callable, epoch: int, start_step: int, total_epochs: int,
+                    run: RunFolder, opts: RunOptions, progress: dict, who: str) -> dict:
+    """One epoch (or the rest of one) in DeiT's shape: ``for batch: prepare; step``. Checks the
+    losses and stop requests every ``log_interval`` steps (one all-reduce, not one per step).
+    Returns the epoch's running sums and ``stopped_at`` (the step after which a stop request was
+    agreed on, else None); raises :class:`NonFiniteLossError` on a NaN/inf loss."""
+    dist, stop, device = run.dist, run.stop, run.dist.device
+    steps = sampler.steps_per_epoch
+    t.train_model.train()
+    sampler.set_epoch(epoch, start_step)
+    seed_epoch(opts.seed, epoch, dist.rank, start_step, progress.get("rng"))
+    if not t.per_step:
+        t.scheduler.step(epoch)
+    pbar = progress_bar(steps, start_step, f"epoch {epoch + 1}/{total_epochs}", not opts.quiet and dist.is_main)
+    # running sums of the epoch (carried over from the checkpoint when it was interrupted)
+    loss_sum, loss_n, time_before = float(progress.get("loss_sum", 0.0)), int(progress.get("loss_n", 0)), \
+        float(progress.get("time_s", 0.0))
+    t0, pending, last_sync, stopped_at = time.time(), [], start_step, None
+    for step, (images, targets) in enumerate(loader, start=start_step):
+        images, targets = prepare(images, targets, epoch, step)
+        if t.per_step:
+            t.scheduler.step_update(t.num_updates)
+        loss = train_step(t.train_model, images, targets, t.criterion, t.optimizer, t.scaler, t.amp_dtype, t.clip_grad)
+        t.num_updates += 1
+        if t.ema is not None:
+            t.ema.update(t.model, step=t.num_updates)
+        pending.append(loss.detach())
+        last = step + 1 == steps
+        if (step + 1) % opts.log_interval and not last and not (not dist.distributed and stop.requested):
+            continue
+        losses = torch.stack(pending).float()
+        finite = torch.isfinite(losses)
+        # one all-reduce (sum over ranks) of: non-finite losses, stop requests, sum of losses
+        stats = torch.stack([(~finite).sum().float(), torch.tensor(float(stop.requested), device=device),
+                             torch.where(finite, losses, 0.0).sum()])
+        nonfinite, stops, total = distributed.all_reduce(stats).tolist()
+        if nonfinite:
+            finite = finite.cpu()
+            bad = step if finite.all() else step + 1 - len(losses) + int((~finite).nonzero()[0])
+            raise NonFiniteLossError(
+                f"{who}: non-finite loss at epoch {epoch + 1}/{total_epochs}, "
+                f"step {bad + 1}/{steps}; stopping. The last good checkpoint ({run.checkpoint_path}) is "
+                "unchanged; lower the lr, enable clip_grad or check the data")
+        loss_sum, loss_n, pending = loss_sum + total / dist.world_size, loss_n + len(losses), []
+        pbar.update(step + 1 - last_sync)
+        last_sync = step + 1
+        rate = (step + 1 - start_step) * sampler.global_batch / max(time.time() - t0, 1e-9)  # since this start
+        loss_now, lr = total / dist.world_size / len(losses), t.optimizer.param_groups[0]["lr"]
+        pbar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        log.info("epoch %d/%d step %d/%d  loss %.4f  lr %.3g  %.0f img/s", epoch + 1, total_epochs, step + 1, steps,
+                 loss_now, lr, rate)
+        if stops:  # every rank agrees: stop after this step
+            stopped_at = step + 1
+            break
+    pbar.close()
+    return {"loss_sum": loss_sum, "loss_n": loss_n, "time_s": time_before + time.time() - t0,
+            "stopped_at": stopped_at}
+
+
+def train(spec, opts: RunOptions) -> dict[str, Any]:
     """Train one classification cell for one seed; return the result written to result.json.
 
     The run folder's life cycle (lock, signature, resume or set aside, publish) is
-    :func:`mpvg.training.runfolder.open_run`. Raises :class:`Preempted` after checkpointing on a stop
+    :func:`mpvg.run.folder.open_run`. Raises :class:`Preempted` after checkpointing on a stop
     request and :class:`NonFiniteLossError` when the loss is NaN/inf (nothing saved for that epoch).
     """
     from mpvg.signature import cell_inputs
@@ -313,14 +288,10 @@ def train(spec, opts: TrainOptions) -> dict[str, Any]:
         return _train(spec, opts, run)
 
 
-def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
-    import timm.data
-    import timm.loss
-    import timm.optim
-    import timm.scheduler
+def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
     import timm.utils
 
-    from mpvg.tracking import RunTracker, model_card
+    from mpvg.tracking import model_card
 
     recipe, dist, seed, cell = spec.recipe, run.dist, opts.seed, spec.cell
     device, out, ckpt_path, stop, job_start = dist.device, run.out, run.checkpoint_path, run.stop, run.job_start
@@ -332,12 +303,7 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
     global_batch = recipe["batch_size"]
     local_batch = global_batch // dist.world_size
     workers = recipe["workers"] if opts.num_workers is None else opts.num_workers
-    sampler = EpochSampler(len(train_set), global_batch, seed, dist.rank, dist.world_size,
-                           repeats=3 if recipe["repeated_aug"] else 1)
-    # a private generator: creating the iterator must not draw from the global torch RNG
-    train_loader = DataLoader(SeededSamples(train_set), batch_size=local_batch, sampler=sampler, num_workers=workers,
-                              pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                              generator=torch.Generator())
+    sampler, loader = train_loader(train_set, global_batch, seed, dist, workers, 3 if recipe["repeated_aug"] else 1)
     val_loader = eval_loader(val_set, local_batch, dist, workers)
     steps_per_epoch = sampler.steps_per_epoch
 
@@ -351,41 +317,20 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
         run.init_state = None  # free it
         log.info("initialised from %s: %s", opts.init_from, report)
     model.to(device)
-    n_params = _count_params(model)
+    n_params = count_params(model)
 
     # optimizer, schedule, loss: timm's factories, as DeiT / timm train.py
-    opt_name = {"adamw": "adamw", "sgd": "momentum"}[recipe["optimizer"]]  # timm's "sgd" is Nesterov
-    opt_kwargs = {"eps": recipe["opt_eps"]} if opt_name == "adamw" else {}
-    optimizer = timm.optim.create_optimizer_v2(param_groups(model, recipe), opt=opt_name, lr=recipe["lr"],
-                                               weight_decay=recipe["weight_decay"], momentum=recipe["momentum"],
-                                               **opt_kwargs)
-    per_step = bool(recipe["sched_per_step"])
-    scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer, sched=recipe["sched"], num_epochs=recipe["epochs"], warmup_epochs=recipe["warmup_epochs"],
-        cooldown_epochs=recipe["cooldown_epochs"], min_lr=recipe["min_lr"], warmup_lr=recipe["warmup_lr"],
-        step_on_epochs=not per_step, updates_per_epoch=steps_per_epoch)
+    optimizer, scheduler = build_optimizer(model, recipe, steps_per_epoch)
     total_epochs = recipe["epochs"] + recipe["cooldown_epochs"]
-    from mpvg.data.classification import mixup_kwargs
-
-    mix = mixup_kwargs(recipe, spec.num_classes)
-    mixup_fn = timm.data.Mixup(**mix) if mix else None
-    if mixup_fn is not None and local_batch % 2:
-        raise ValueError(f"mixup/cutmix need an even per-process batch; got {local_batch} "
-                         f"(batch_size {global_batch} over {dist.world_size} processes)")
-    if mixup_fn is not None:
-        criterion = timm.loss.SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
-    elif recipe["label_smoothing"] > 0:
-        criterion = timm.loss.LabelSmoothingCrossEntropy(smoothing=recipe["label_smoothing"])
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
+    mixup_fn, criterion = build_criterion(recipe, spec.num_classes, local_batch, dist.world_size)
     ema = timm.utils.ModelEmaV3(model, decay=recipe.get("model_ema_decay", 0.99996)) if recipe.get("model_ema") else None
     amp_dtype = resolve_amp(opts.amp, recipe, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    t = Trainer(model, model, optimizer, scheduler, scaler, criterion, ema, amp_dtype, bool(recipe["sched_per_step"]),
+                recipe["clip_grad"])
 
     # resume from <out>/checkpoint.pt: open_run checked that it holds a run of these very settings
-    start_epoch, start_step, num_updates, elapsed_before = 0, 0, 0, 0.0
-    history: list[dict] = []
-    run_id, rng_states, progress = None, None, {}
+    start_epoch, start_step, elapsed_before, history, run_id, progress = 0, 0, 0.0, [], None, {}
     if run.resume is not None:
         ckpt, run.resume = run.resume, None
         model.load_state_dict(ckpt["model"])
@@ -394,45 +339,29 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
             ema.module.load_state_dict(ckpt["model_ema"])
-        start_epoch, start_step, num_updates = ckpt["epoch"], ckpt["step"], ckpt["num_updates"]
+        start_epoch, start_step, t.num_updates = ckpt["epoch"], ckpt["step"], ckpt["num_updates"]
         elapsed_before, history, run_id = ckpt["elapsed_s"], ckpt["history"], ckpt.get("mlflow_run_id")
-        if start_step and len(ckpt["rng"]) == dist.world_size:
-            rng_states = ckpt["rng"][dist.rank]
         if start_step:  # the interrupted epoch's running sums, so its history row is the uninterrupted one
             progress = dict(ckpt.get("epoch_progress") or {})
+            if len(ckpt["rng"]) == dist.world_size:
+                progress["rng"] = ckpt["rng"][dist.rank]
         log.info("resumed from %s: epoch %d, step %d of %d", ckpt_path, start_epoch, start_step, steps_per_epoch)
         del ckpt
 
-    train_model = model
-    if opts.compile:
-        train_model = torch.compile(train_model)
-    if dist.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-
-    # tracking (rank 0): MLflow when a URI is set, always <out>/metrics.jsonl
-    tracker = RunTracker(out, opts.tracking_uri or "", opts.experiment, enabled=dist.is_main,
-                         use_mlflow=bool(opts.tracking_uri))
-    tags = {"model": cell.model, "method": cell.method, "dataset": spec.dataset, "seed": seed, "stage": cell.stage,
-            "cell": cell.id, "scale": spec.scale, "task": cell.task, "git_commit": runinfo.git_commit(),
-            "slurm_job_id": runinfo.slurm_job_id(), "device": device.type, "world_size": dist.world_size}
-    tracked = {"recipe": dict(recipe), "model": {"name": spec.model_name, **spec.model_kwargs},
-               "run": {"seed": seed, "world_size": dist.world_size, "local_batch": local_batch, "amp": str(amp_dtype),
-                       "compile": opts.compile, "init_from": opts.init_from, "params": n_params}}
-    run_id = tracker.start(f"{cell.id}-seed{seed}", tags, tracked, run_id=run_id)
-    run_id = distributed.broadcast_object(run_id)
+    t.train_model = wrap(model, dist, opts.compile, broadcast_buffers=False)
+    tracker, run_id = start_tracking(run, spec, opts, {
+        "seed": seed, "world_size": dist.world_size, "local_batch": local_batch, "amp": str(amp_dtype),
+        "compile": opts.compile, "init_from": opts.init_from, "params": n_params}, run_id)
+    prepare = batch_preparer(device, mixup_fn)
 
     def checkpoint(epoch: int, step: int, epoch_progress: dict | None = None) -> None:
         """Everything needed to continue exactly (rank 0 writes; all ranks give their RNG)."""
-        states = [rng_state()]
-        if dist.distributed:
-            states = [None] * dist.world_size
-            torch.distributed.all_gather_object(states, rng_state())
+        states = all_rng_states(dist)
         run.save({
             "model": unwrap(model).state_dict(), "model_ema": ema.module.state_dict() if ema else None,
             "model_name": spec.model_name, "model_kwargs": spec.model_kwargs,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "num_updates": num_updates,
+            "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "num_updates": t.num_updates,
             "epoch_progress": epoch_progress, "total_epochs": total_epochs,
             "rng": states, "data": {"seed": seed, "global_batch": global_batch, "repeats": sampler.repeats},
             "elapsed_s": elapsed_before + time.time() - job_start, "history": history,
@@ -441,88 +370,33 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
     log.info("training %s (%s, %.2fM params) for %d epochs x %d steps, batch %d (%d per process), lr %.3g",
              cell.id, spec.model_name, n_params / 1e6, total_epochs, steps_per_epoch, global_batch, local_batch,
              recipe["lr"])
+    eval_every = 1 if opts.eval_every is None else opts.eval_every
     val: dict[str, float] | None = None
     with ending_run(tracker):
         for epoch in range(start_epoch, total_epochs):
-            # ---- one epoch of training ----
-            train_model.train()
-            sampler.set_epoch(epoch, start_step)
-            if rng_states is not None:  # resumed inside this epoch: continue the saved streams
-                set_rng_state(rng_states)
-                rng_states = None
-            else:
-                seed_everything(derive_seed(seed, epoch, dist.rank, start_step))
-            if not per_step:
-                scheduler.step(epoch)
-            pbar = progress_bar(steps_per_epoch, start_step, f"epoch {epoch + 1}/{total_epochs}", not opts.quiet and dist.is_main)
-            # running sums of the epoch (carried over from the checkpoint when it was interrupted)
-            loss_sum, loss_n = float(progress.get("loss_sum", 0.0)), int(progress.get("loss_n", 0))
-            time_before, progress = float(progress.get("time_s", 0.0)), {}
-            t0, pending, last_sync = time.time(), [], start_step
-            stopped_at = None
-            for step, (images, targets) in enumerate(train_loader, start=start_step):
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                if mixup_fn is not None:
-                    images, targets = mixup_fn(images, targets)
-                if per_step:
-                    scheduler.step_update(num_updates)
-                loss = train_step(train_model, images, targets, criterion, optimizer, scaler, amp_dtype,
-                                  recipe["clip_grad"])
-                num_updates += 1
-                if ema is not None:
-                    ema.update(model, step=num_updates)
-                pending.append(loss.detach())
-                # check the losses (and stop requests) every log_interval steps: one sync, not one per step
-                last = step + 1 == steps_per_epoch
-                local_stop = not dist.distributed and stop.requested
-                if (step + 1) % opts.log_interval and not last and not local_stop:
-                    continue
-                losses = torch.stack(pending).float()
-                finite = torch.isfinite(losses)
-                # one all-reduce (sum over ranks) of: non-finite losses, stop requests, sum of losses
-                stats = torch.stack([(~finite).sum().float(), torch.tensor(float(stop.requested), device=device),
-                                     torch.where(finite, losses, 0.0).sum()])
-                nonfinite, stops, total = distributed.all_reduce(stats).tolist()
-                if nonfinite:
-                    finite = finite.cpu()
-                    bad = step if finite.all() else step + 1 - len(losses) + int((~finite).nonzero()[0])
-                    raise NonFiniteLossError(
-                        f"cell {cell.id} seed {seed}: non-finite loss at epoch {epoch + 1}/{total_epochs}, "
-                        f"step {bad + 1}/{steps_per_epoch}; stopping. The last good checkpoint ({ckpt_path}) is "
-                        "unchanged; lower the lr, enable clip_grad or check the data")
-                loss_sum, loss_n, pending = loss_sum + total / dist.world_size, loss_n + len(losses), []
-                pbar.update(step + 1 - last_sync)
-                last_sync = step + 1
-                rate = (step + 1 - start_step) * global_batch / max(time.time() - t0, 1e-9)  # since this start
-                pbar.set_postfix(loss=f"{total / dist.world_size / len(losses):.4f}",
-                                 lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}")
-                if stops:  # every rank agrees: stop after this step
-                    stopped_at = step + 1
-                    break
-            pbar.close()
+            sums = train_one_epoch(t, loader, sampler, prepare, epoch, start_step, total_epochs, run, opts, progress,
+                                   f"cell {cell.id} seed {seed}")
+            progress, stopped_at = {}, sums.pop("stopped_at")
             if stopped_at is not None and stopped_at < steps_per_epoch:
-                checkpoint(epoch, stopped_at, {"loss_sum": loss_sum, "loss_n": loss_n,
-                                               "time_s": time_before + time.time() - t0})
+                checkpoint(epoch, stopped_at, sums)
                 raise Preempted(f"stopped by {stop.name}: checkpoint at epoch {epoch + 1}, step {stopped_at} of "
                                 f"{steps_per_epoch} saved to {ckpt_path}")
-            epoch_time = time_before + time.time() - t0
             start_step = 0
-
-            # ---- evaluate, checkpoint, log ----
             last_epoch = epoch + 1 == total_epochs
             val = None
-            if last_epoch or (opts.eval_every and (epoch + 1) % opts.eval_every == 0):
+            if last_epoch or (eval_every and (epoch + 1) % eval_every == 0):
                 val = evaluate(model, val_loader, device, amp_dtype)  # unwrapped: no DDP collectives
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / max(loss_n, 1), "lr": optimizer.param_groups[0]["lr"],
-                   "epoch_time_s": epoch_time, "images_per_s": loss_n * global_batch / max(epoch_time, 1e-9),
+            row = {"epoch": epoch + 1, "train_loss": sums["loss_sum"] / max(sums["loss_n"], 1),
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": sums["time_s"],
+                   "images_per_s": sums["loss_n"] * global_batch / max(sums["time_s"], 1e-9),
                    **({f"val_{k}": v for k, v in val.items()} if val else {})}
             history.append(row)
             checkpoint(epoch + 1, 0)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             log.info("epoch %d/%d  train_loss %.4f  %s  lr %.3g  %.0f img/s  %.1f s", epoch + 1, total_epochs,
                      row["train_loss"], "  ".join(f"val_{k} {v:.3f}" for k, v in (val or {}).items()) or "(no eval)",
-                     row["lr"], row["images_per_s"], epoch_time)
-            if _agreed(stop.requested, device) and not last_epoch:
+                     row["lr"], row["images_per_s"], sums["time_s"])
+            if agreed(stop.requested, device) and not last_epoch:
                 raise Preempted(f"stopped by {stop.name}: checkpoint at the end of epoch {epoch + 1} saved to {ckpt_path}")
 
         # ---- final metrics and result.json (written last) ----
@@ -532,19 +406,17 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
         wall = elapsed_before + time.time() - job_start
         result = runinfo.result_record(
             spec, seed, pe=pe_dict(model), params=n_params,
-            measured={"metrics": val, **({"metrics_ema": metrics_ema} if metrics_ema else {}),
-                      "epochs": total_epochs},
+            measured={"metrics": val, **({"metrics_ema": metrics_ema} if metrics_ema else {}), "epochs": total_epochs},
             wall_time_s=wall, device_type=device.type, world_size=dist.world_size, checkpoint=ckpt_path,
             mlflow_run_id=run_id, init_from=opts.init_from, history=history)
         if dist.is_main:
-            card = out / "model_card.md"
-            card.write_text(model_card(result, recipe, spec.model_name, spec.model_kwargs))
-            tracker.log_artifact(card)
+            tracker.log_artifact(run.write_file(MODEL_CARD, model_card(result, recipe, spec.model_name,
+                                                                       spec.model_kwargs)))
             if opts.log_checkpoint:
                 tracker.log_artifact(ckpt_path, "checkpoint")
             result = run.publish(tracker, result, val, total_epochs)
             log.info("done: %s seed %d  top1 %.2f  top5 %.2f  loss %.4f  (%.1f s) -> %s", cell.id, seed,
-                     val["top1"], val["top5"], val["loss"], wall, out / "result.json")
+                     val["top1"], val["top5"], val["loss"], wall, out / RESULT)
         return result
 
 

@@ -23,11 +23,7 @@ CELL_STAGES = ("train", "finetune", "detect", "segment")
 SUBCOMMAND = {"train": ["train"], "finetune": ["train"], "detect": ["detect", "train"],
               "segment": ["segment", "train"]}
 INIT_FLAG = {"finetune": "--init-from", "detect": "--pretrained", "segment": "--pretrained"}
-RESULT = "result.json"
-CHECKPOINT = "checkpoint.pt"
-SCORES = "scores.json"      # final metrics (DVC metrics)
-HISTORY = "history.json"    # per-epoch / per-evaluation rows (DVC plots)
-JOB_LOG = "job.log"         # what the job printed (Snakemake log:)
+from mpvg.run.layout import CHECKPOINT, HISTORY, JOB_LOG, RESULT, SCORES  # noqa: E402  (the run folder's names, defined once)
 SETTINGS_DIR = ".signatures"  # under paths.runs: each run's settings, DVC's dependency (mpvg workflow signatures)
 # The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).
 REPORT_FILES = ("tables.md", "README.md", "claims.md")
@@ -142,7 +138,7 @@ def cell_resources(params: Mapping, cell: Cell) -> dict:
 
 def launcher(gpus: int) -> list[str]:
     """``mpvg`` for one process; ``mpvg launch`` with one process per GPU when ``gpus > 1``
-    (:mod:`mpvg.training.launch`: torchrun's environment, preemption that reaches every rank)."""
+    (:mod:`mpvg.run.launch`: torchrun's environment, preemption that reaches every rank)."""
     if int(gpus) > 1:
         return ["mpvg", "launch", "--nproc-per-node", str(int(gpus))]
     return ["mpvg"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Mapping
 
 from mpvg.config import resolve_run
+from mpvg.run.layout import CHECKPOINT
 from mpvg.runinfo import read_json_object
 from mpvg.signature import aggregate_inputs, cell_inputs, differences, digest
 
@@ -102,10 +103,10 @@ def _cell_state(params: Mapping, job, parent_states: list[JobState]) -> JobState
     inputs = cell_inputs(spec, job.seed, init)
     sig = digest(inputs)
     out = Path(job.outs[0])
-    ckpt_missing = not (out.parent / "checkpoint.pt").exists()
+    ckpt_missing = not (out.parent / CHECKPOINT).exists()
     record = read_json_object(out) if out.exists() else None
     if record is None:
-        if (out.parent / "checkpoint.pt").exists():
+        if (out.parent / CHECKPOINT).exists():
             return JobState(job.rule, job.key, "unfinished", ["no result.json yet (interrupted; it resumes)"], sig,
                             checkpoint_missing=ckpt_missing)
         why = "result.json is unreadable" if out.exists() else "no result yet"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from mpvg.config import expand_cells, resolve_run
+from mpvg.run.layout import JOURNAL
 
 ORDER = ("T1", "T2", "T3", "T4", "T5", "T6", "F1", "F5", "C1")
 STATES = ("finished", "running", "interrupted", "stale", "pending")
@@ -60,7 +61,7 @@ def _total(params: Mapping, cell: str) -> tuple[str, int]:
 def run_statuses(params: Mapping) -> list[RunStatus]:
     """The status of every run of the plan of ``params``."""
     from mpvg.runinfo import read_json_object
-    from mpvg.training.runfolder import STARTED_FORMAT, lock_holder
+    from mpvg.run.folder import STARTED_FORMAT, lock_holder
     from mpvg.workflow.plan import cell_resources, paper_gpu_hours
     from mpvg.workflow.state import plan_states
 
@@ -76,7 +77,7 @@ def run_statuses(params: Mapping) -> list[RunStatus]:
         unit, total = _total(params, job.cell)
         planned = paper_gpu_hours(params, cell) if params["scale"] != "tiny" else 0.0
         rs = RunStatus(job.cell, job.seed, job.rule, list(cell.tables), "pending", planned_hours=planned)
-        events = _journal(folder / "metrics.jsonl")
+        events = _journal(folder / JOURNAL)
         steps = [e.get("step", 0) for e in events if e.get("event") == "metrics"]
         done = max(steps) if steps else 0
         rs.mlflow_run_id = next((e.get("run_id") for e in reversed(events) if e.get("event") == "mlflow_run"), None)
@@ -114,7 +115,7 @@ def run_statuses(params: Mapping) -> list[RunStatus]:
 
 def render(params: Mapping, statuses: list[RunStatus], show_all: bool = False) -> str:
     """Per table: counts, then every run that is not finished (all with ``show_all``)."""
-    from mpvg.training.runfolder import holder_text
+    from mpvg.run.folder import holder_text
 
     gpu = params["scale"] != "tiny"
     lines = [f"mpvg status: scale {params['scale']}, seeds {list(params['seeds'])}, {len(statuses)} runs"]

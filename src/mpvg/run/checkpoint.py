@@ -28,7 +28,6 @@ import torch
 from mpvg.runinfo import atomic_open
 
 FORMAT = "mpvg-train-v1"
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

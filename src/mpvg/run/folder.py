@@ -39,22 +39,11 @@ from typing import Any, Iterator, Mapping
 
 from mpvg import runinfo
 from mpvg.runinfo import read_json_object
+from mpvg.run.layout import CHECKPOINT, KEPT, LOCK, LOG, PREVIOUS, REASON, RESULT, SCORES, HISTORY, STATE_FILES
 from mpvg.signature import differences, digest
 
 log = logging.getLogger("mpvg.training")
 
-LOCK_NAME = ".lock"
-RESULT_NAME = "result.json"
-SCORES_NAME = "scores.json"
-HISTORY_NAME = "history.json"
-# A second link to result.json: when a workflow tool deletes result.json before running a job again
-# (Snakemake's --rerun-incomplete after it was interrupted, DVC's repro), a run that had finished
-# gets it back as it was, instead of being evaluated (or trained) again.
-KEPT_NAME = ".result.kept.json"
-PREVIOUS_DIR = "previous"
-#: What a run folder holds besides the lock; moved aside together when the settings changed.
-STATE_FILES = ("checkpoint.pt", RESULT_NAME, KEPT_NAME, SCORES_NAME, HISTORY_NAME, "metrics.jsonl", "model_card.md",
-               "log.txt")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 ON_CHANGE = ("set-aside", "fail")
 
@@ -73,6 +62,11 @@ class NonFiniteLossError(RuntimeError):
 
 class RunChangedError(ValueError):
     """The run folder holds state of other settings and ``on_change="fail"`` was asked for."""
+
+
+class RunWriteError(OSError):
+    """A file of the run folder could not be written (full disk, quota, read-only): the file that
+    was there before is unchanged (writes are atomic), and the message says what to do."""
 
 
 # ------------------------------------------------------------------------------ stop requests
@@ -128,7 +122,7 @@ def run_logging(out_dir: Path | None, is_main: bool):
         handlers.append(logging.StreamHandler(sys.stderr))
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.FileHandler(out_dir / "log.txt"))
+            handlers.append(logging.FileHandler(out_dir / LOG))
         for h in handlers:
             h.setFormatter(fmt)
             root.addHandler(h)
@@ -164,7 +158,7 @@ def lock_holder(out: str | os.PathLike) -> dict | None:
     Tests the lock without taking it for long: the planner uses this to find runs still going."""
     import fcntl
 
-    path = Path(out) / LOCK_NAME
+    path = Path(out) / LOCK
     if not path.is_file():
         return None
     try:
@@ -189,7 +183,7 @@ class FolderLock:
     """An exclusive ``lockf`` on ``<out>/.lock``, holding who took it (JSON) while held."""
 
     def __init__(self, out: Path):
-        self.path = out / LOCK_NAME
+        self.path = out / LOCK
         self.fd: int | None = None
 
     def acquire(self) -> None:
@@ -238,20 +232,20 @@ def remove_stale_temp_files(out: Path) -> list[Path]:
 
 
 
-def set_aside(out: Path, reason: str) -> Path | None:
-    """Move the run's state files to ``<out>/previous/<UTC time>/``; return that folder (None if
-    there was nothing to move)."""
-    present = [name for name in STATE_FILES if (out / name).exists()]
+def set_aside(out: Path, reason: str, names: tuple[str, ...] = STATE_FILES) -> Path | None:
+    """Move the run's state files (or only ``names``) to ``<out>/previous/<UTC time>/``; return that
+    folder (None if there was nothing to move)."""
+    present = [name for name in names if (out / name).exists()]
     if not present:
         return None
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    dest = out / PREVIOUS_DIR / stamp
+    dest = out / PREVIOUS / stamp
     dest.mkdir(parents=True, exist_ok=False)
     for name in present:
         # a result.json a workflow tool deleted before the rerun lives on in its kept copy
-        target = RESULT_NAME if name == KEPT_NAME and RESULT_NAME not in present else name
+        target = RESULT if name == KEPT and RESULT not in present else name
         os.replace(out / name, dest / target)
-    (dest / "REASON.txt").write_text(reason + "\n")
+    (dest / REASON).write_text(reason + "\n")
     return dest
 
 
@@ -262,7 +256,7 @@ class RunFolder:
     out: Path
     inputs: dict
     signature: str
-    dist: Any                                   # mpvg.training.distributed.DistInfo
+    dist: Any                                   # mpvg.run.distributed.DistInfo
     stop: StopSignal
     job_start: float
     resume: dict | None = None                  # the checkpoint to continue (same signature), or None
@@ -272,17 +266,42 @@ class RunFolder:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+        return self.out / CHECKPOINT
 
     def save(self, state: Mapping[str, Any]) -> None:
         """Write ``checkpoint.pt`` (rank 0; every rank waits) stamped with the signature."""
-        from mpvg.training import distributed
-        from mpvg.training.checkpoint import save_checkpoint
+        from mpvg.run import distributed
+        from mpvg.run.checkpoint import save_checkpoint
 
+        problem = None
         if self.dist.is_main:
-            save_checkpoint(self.checkpoint_path, {**state, "signature": self.signature,
-                                                   "signature_inputs": self.inputs})
-        distributed.barrier()
+            try:
+                save_checkpoint(self.checkpoint_path, {**state, "signature": self.signature,
+                                                       "signature_inputs": self.inputs})
+            except (OSError, RuntimeError) as err:  # torch reports a failed write as a RuntimeError
+                problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        problem = distributed.broadcast_object(problem)  # every rank waits, and stops together on a failure
+        if problem:
+            before = (f"the previous {CHECKPOINT} there is unchanged" if self.checkpoint_path.exists()
+                      else f"no {CHECKPOINT} was written yet")
+            raise RunWriteError(f"cannot write {self.checkpoint_path} ({problem}); {before}. Free space on that disk "
+                                "(or point --out elsewhere) and run the same command again: it continues from the "
+                                "last checkpoint")
+
+    def write_file(self, name: str, text: str) -> Path:
+        """``<out>/<name>`` with ``text``, written atomically (a full disk is a :class:`RunWriteError`)."""
+        path = self.out / name
+        try:
+            with runinfo.atomic_open(path, "w") as handle:
+                handle.write(text)
+        except OSError as err:
+            raise RunWriteError(self._unwritten(path, err)) from None
+        return path
+
+    def _unwritten(self, path: Path, err: OSError) -> str:
+        return (f"cannot write {path} ({err.strerror or err}); the run's last checkpoint {self.checkpoint_path} is "
+                "complete. Free space on that disk and run the same command again: it writes the results "
+                "without training again")
 
     def publish(self, tracker, result: dict, final_metrics: Mapping[str, float], step: int,
                 history: list | None = None) -> dict:
@@ -291,36 +310,43 @@ class RunFolder:
         means the run finished) and its MLflow copy. Returns the result as written."""
         result = {**result, "signature": self.signature, "signature_inputs": self.inputs}
         tracker.log_metrics({f"final_{k}": v for k, v in final_metrics.items()}, step=step)
-        runinfo.write_json_atomic(self.out / SCORES_NAME, dict(final_metrics))
-        runinfo.write_json_atomic(self.out / HISTORY_NAME, list(history if history is not None
-                                                                else result.get("history", [])))
-        runinfo.write_json_atomic(self.out / RESULT_NAME, result)
+        rows = list(history if history is not None else result.get("history", []))
+        for name, obj in ((SCORES, dict(final_metrics)), (HISTORY, rows), (RESULT, result)):
+            try:
+                runinfo.write_json_atomic(self.out / name, obj)
+            except OSError as err:
+                raise RunWriteError(self._unwritten(self.out / name, err)) from None
         keep_result(self.out)
-        tracker.log_artifact(self.out / RESULT_NAME)
+        tracker.log_artifact(self.out / RESULT)
         return result
 
 
 def keep_result(out: Path) -> None:
     """``.result.kept.json``: a hard link to result.json (a copy where links are not possible)."""
-    kept = out / KEPT_NAME
+    kept = out / KEPT
     with contextlib.suppress(FileNotFoundError):
         kept.unlink()
     try:
-        os.link(out / RESULT_NAME, kept)
+        os.link(out / RESULT, kept)
     except OSError:
-        shutil.copy2(out / RESULT_NAME, kept)
+        shutil.copy2(out / RESULT, kept)
 
 
 def _decide(out: Path, inputs: dict, resume: bool, notes: list[str]) -> tuple[str, list[str], dict | None]:
     """``(decision, reasons, checkpoint)`` for what ``out`` holds (rank 0): decision is ``resume``,
     ``finished``, ``fresh`` or ``set-aside``; the checkpoint is returned loaded when resuming."""
-    from mpvg.training.checkpoint import load_checkpoint
+    from mpvg.run.checkpoint import load_checkpoint
 
-    ckpt_path, result_path = out / "checkpoint.pt", out / RESULT_NAME
-    kept = read_json_object(out / KEPT_NAME) if not result_path.exists() and (out / KEPT_NAME).exists() else None
+    ckpt_path, result_path = out / CHECKPOINT, out / RESULT
+    damaged = [name for name in (RESULT, KEPT) if (out / name).exists() and read_json_object(out / name) is None]
+    if damaged:  # empty or cut short (a copy that failed, a full disk outside mpvg): keep it, continue without it
+        dest = set_aside(out, f"{' and '.join(damaged)} unreadable (empty, cut short or not a JSON object)", tuple(damaged))
+        notes.append(f"{out / damaged[0]} was unreadable (empty, cut short or not a JSON object): moved it to {dest}; "
+                     f"the run continues from {CHECKPOINT} when that matches its settings")
+    kept = read_json_object(out / KEPT) if not result_path.exists() and (out / KEPT).exists() else None
     if kept is not None and ckpt_path.exists() and not differences(kept.get("signature_inputs"), inputs):
-        shutil.copy2(out / KEPT_NAME, result_path)  # result.json was deleted after the run had finished
-        notes.append(f"{result_path}: restored from {KEPT_NAME} (the run had finished with these settings)")
+        shutil.copy2(out / KEPT, result_path)  # result.json was deleted after the run had finished
+        notes.append(f"{result_path}: restored from {KEPT} (the run had finished with these settings)")
     result = read_json_object(result_path) if result_path.exists() else None
     ckpt = None
     if ckpt_path.exists():
@@ -329,17 +355,16 @@ def _decide(out: Path, inputs: dict, resume: bool, notes: list[str]) -> tuple[st
         try:
             ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         except ValueError as err:  # unreadable: keep it aside, never lose it
-            return "set-aside", [f"checkpoint.pt is unreadable ({err})"], None
+            return "set-aside", [f"{CHECKPOINT} is unreadable ({str(err).splitlines()[0]})"], None
     reasons: list[str] = []
     if ckpt_path.exists():
         reasons += [f"checkpoint: {d}" for d in differences(ckpt.get("signature_inputs"), inputs)]
     if result_path.exists():
-        if result is None:
-            reasons.append("result.json is unreadable")
-        else:
+        if result is not None:
             reasons += [f"result: {d}" for d in differences(result.get("signature_inputs"), inputs)]
             if not ckpt_path.exists():
-                reasons.append("result.json is there but its checkpoint.pt is gone")
+                reasons.append(f"{RESULT} is there but its {CHECKPOINT} is gone (the run cannot be continued "
+                               "or fine-tuned from)")
     if reasons:
         return "set-aside", reasons, None
     if result is not None:
@@ -352,8 +377,8 @@ def open_run(out: str | os.PathLike, inputs: dict, device: str = "auto", resume:
              on_change: str = "set-aside", init_state: dict | None = None) -> Iterator[RunFolder]:
     """Set up the process group, lock ``out``, log, catch stop signals, and look at what ``out``
     holds (see the module doc). Yields the :class:`RunFolder`; tears everything down after."""
-    from mpvg.training import distributed
-    from mpvg.training.checkpoint import load_checkpoint
+    from mpvg.run import distributed
+    from mpvg.run.checkpoint import load_checkpoint
 
     if on_change not in ON_CHANGE:
         raise ValueError(f"unknown on_change {on_change!r}; expected one of {ON_CHANGE}")
@@ -395,14 +420,15 @@ def open_run(out: str | os.PathLike, inputs: dict, device: str = "auto", resume:
             run = RunFolder(out=out, inputs=inputs, signature=digest(inputs), dist=dist, stop=stop,
                             job_start=job_start, init_state=init_state, set_aside_to=moved)
             if decision == "set-aside":
-                log.warning("%s held a run of other settings (%s); moved it to %s and starting fresh",
-                            out, "; ".join(reasons), moved)
+                what = "a run of other settings" if any(r.startswith(("checkpoint: ", "result: ")) for r in reasons) \
+                    else "state it cannot continue"
+                log.warning("%s held %s (%s); moved it to %s and starting fresh", out, what, "; ".join(reasons), moved)
             elif decision == "resume":
                 run.resume = ckpt if ckpt is not None else load_checkpoint(run.checkpoint_path, map_location="cpu")
             elif decision == "finished":
-                run.finished = read_json_object(out / RESULT_NAME)
+                run.finished = read_json_object(out / RESULT)
                 log.info("%s: already finished with these settings (signature %s); nothing to do",
-                         out / RESULT_NAME, run.signature)
+                         out / RESULT, run.signature)
             yield run
     finally:
         lock.release()
@@ -421,7 +447,7 @@ def load_start_point(path: str | os.PathLike | None, expected: Mapping[str, Any]
     if path is None:
         return None, None
     from mpvg.signature import differences, file_signature
-    from mpvg.training.checkpoint import load_checkpoint
+    from mpvg.run.checkpoint import load_checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -465,5 +491,10 @@ def ending_run(tracker):
         status = "KILLED"
         raise
     finally:
-        tracker.finish(status)
+        try:
+            tracker.finish(status)
+        except OSError as err:  # e.g. the disk is full: the error that ended the run is the one to report
+            if status != "FAILED":
+                raise
+            log.warning("could not record the end of the run in %s: %s", getattr(tracker, "journal", "its journal"), err)
 

@@ -7,7 +7,7 @@ kills its workers after a grace period and exits 1, never with the requeue code.
 
 * starts ``python -m mpvg COMMAND ...`` N times with torchrun's environment (``RANK``,
   ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``, a free
-  ``MASTER_PORT``), so :mod:`mpvg.training.distributed` sets up the process group as under torchrun;
+  ``MASTER_PORT``), so :mod:`mpvg.run.distributed` sets up the process group as under torchrun;
 * forwards SIGTERM, SIGUSR1 and SIGINT to every worker (a worker that already got the signal from
   SLURM only sees it twice: its handler just sets a flag), so every rank saves one consistent
   checkpoint at the same step whether the signal reached only the launcher or every process;
@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Sequence
 
-from mpvg.training import REQUEUE_EXIT_CODE
+from mpvg.run import REQUEUE_EXIT_CODE
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 POLL_S = 0.2
