@@ -334,10 +334,14 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
     workers = recipe["workers"] if opts.num_workers is None else opts.num_workers
     sampler = EpochSampler(len(train_set), global_batch, seed, dist.rank, dist.world_size,
                            repeats=3 if recipe["repeated_aug"] else 1)
-    # a private generator: creating the iterator must not draw from the global torch RNG
-    train_loader = DataLoader(SeededSamples(train_set), batch_size=local_batch, sampler=sampler, num_workers=workers,
-                              pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                              generator=torch.Generator())
+    # >>> uint8 input pipeline (issue 21): workers collate uint8; normalise + erase on the device
+    from mpvg.data.classification import build_train_loader
+    from mpvg.data.device_transform import DeviceTransform
+
+    train_loader = build_train_loader(SeededSamples(train_set), sampler, local_batch, workers, device.type == "cuda")
+    device_transform = DeviceTransform.from_recipe(recipe, device)
+    log.info("input pipeline: uint8 batches, %r", device_transform)
+    # <<< uint8 input pipeline
     val_loader = eval_loader(val_set, local_batch, dist, workers)
     steps_per_epoch = sampler.steps_per_epoch
 
@@ -461,7 +465,10 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
             t0, pending, last_sync = time.time(), [], start_step
             stopped_at = None
             for step, (images, targets) in enumerate(train_loader, start=start_step):
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                # >>> uint8 input pipeline: every draw seeded by (seed, epoch, step, rank)
+                images = device_transform(images, seed=seed, epoch=epoch, step=step, rank=dist.rank)
+                targets = targets.to(device, non_blocking=True)
+                # <<< uint8 input pipeline
                 if mixup_fn is not None:
                     images, targets = mixup_fn(images, targets)
                 if per_step:
