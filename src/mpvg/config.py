@@ -166,7 +166,8 @@ _GROUP = _obj({
 SCHEMA = _obj({
     "scale": {"enum": list(SCALES)},
     "seeds": {"type": "array", "items": _NN_INT, "minItems": 1, "uniqueItems": True},
-    "paths": _obj({"runs": _STR, "reports": _STR, "data": _STR}, ["runs", "reports", "data"]),
+    "paths": _obj({"runs": _STR, "reports": _STR, "data": _STR, "measured_speeds": _STR},  # speeds: workflow.plan
+                  ["runs", "reports", "data"]),
     "tracking": _obj({"uri": _STR, "experiment": {"type": "string", "minLength": 1}},
                      ["uri", "experiment"]),
     "datasets": _obj({d: _DATASET for d in DATASETS}, DATASETS),

@@ -80,8 +80,8 @@ class DeviceTransform:
             raise ValueError(f"DeviceTransform takes (N, H, W, C) or (N, C, H, W) batches, got {tuple(images.shape)}")
         images = images.to(self.device, non_blocking=True)
         if images.shape[-1] == self.mean.shape[1] and images.shape[1] != self.mean.shape[1]:
-            images = images.permute(0, 3, 1, 2)  # NHWC -> NCHW (a view; the cast below makes it contiguous)
-        x = images.to(torch.float32, memory_format=torch.contiguous_format)
+            images = images.permute(0, 3, 1, 2)  # NHWC -> NCHW (a view)
+        x = images.contiguous().float()  # uint8 reordering first: the cheapest way to a contiguous float NCHW
         x.sub_(self.mean).div_(self.std)  # timm PrefetchLoader's arithmetic, bit for bit
         if self.reprob > 0:
             self.erase_(x, batch_seed(seed, epoch, step, rank))
