@@ -360,6 +360,15 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
     # optimizer, schedule, loss: timm's factories, as DeiT / timm train.py
     opt_name = {"adamw": "adamw", "sgd": "momentum"}[recipe["optimizer"]]  # timm's "sgd" is Nesterov
     opt_kwargs = {"eps": recipe["opt_eps"]} if opt_name == "adamw" else {}
+    # >>> fast path (issue 21): fused AdamW on CUDA, compile with an eager fallback, one log line
+    from mpvg.training import gpu_defaults
+
+    fast = gpu_defaults.choose(device, resolve_amp(opts.amp, recipe, device), recipe["optimizer"], workers,
+                               compile="on" if opts.compile else "auto")
+    log.info(fast.describe())
+    if fast.fused_adamw:
+        opt_kwargs["fused"] = True
+    # <<< fast path
     optimizer = timm.optim.create_optimizer_v2(param_groups(model, recipe), opt=opt_name, lr=recipe["lr"],
                                                weight_decay=recipe["weight_decay"], momentum=recipe["momentum"],
                                                **opt_kwargs)
@@ -408,11 +417,17 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
         del ckpt
 
     train_model = model
-    if opts.compile:
-        train_model = torch.compile(train_model)
     if dist.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    # >>> fast path: one optimizer step, compiled (eager again if compiling fails) or eager
+    def one_step(m, images, targets):
+        return train_step(m, images, targets, criterion, optimizer, scaler, amp_dtype, recipe["clip_grad"])
+
+    run_step = (gpu_defaults.compile_with_fallback(train_model, one_step, device, f"{cell.id} ({spec.model_name})")
+                if fast.compile else lambda images, targets: one_step(train_model, images, targets))
+    # <<< fast path
 
     # tracking (rank 0): MLflow when a URI is set, always <out>/metrics.jsonl
     tracker = RunTracker(out, opts.tracking_uri or "", opts.experiment, enabled=dist.is_main,
@@ -473,8 +488,7 @@ def _train(spec, opts: TrainOptions, run: RunFolder) -> dict[str, Any]:
                     images, targets = mixup_fn(images, targets)
                 if per_step:
                     scheduler.step_update(num_updates)
-                loss = train_step(train_model, images, targets, criterion, optimizer, scaler, amp_dtype,
-                                  recipe["clip_grad"])
+                loss = run_step(images, targets)  # fast path: compiled or eager
                 num_updates += 1
                 if ema is not None:
                     ema.update(model, step=num_updates)

@@ -149,6 +149,8 @@ def _load_speeds(path: str, _mtime_ns: int) -> dict:
         raise _speeds_error(path, f"not readable JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != SPEEDS_FORMAT:
         raise _speeds_error(path, f"'format' is not {SPEEDS_FORMAT!r}")
+    if data.get("smoke"):
+        raise _speeds_error(path, "it comes from `gpu_check.py --smoke` (tiny models on CPU), not a GPU")
     if not isinstance(data.get("gpu"), str) or not data["gpu"]:
         raise _speeds_error(path, "'gpu' (the GPU's name) is missing")
     table = data.get("images_per_s_per_gpu")
