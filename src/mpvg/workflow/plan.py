@@ -60,16 +60,18 @@ TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar100": 50_000, "coco": 118_287, "ade
 # A class subset of ImageNet (ImageNet-100) is planned at the most images an ImageNet-1K training
 # class holds (1300; classes hold 732-1300), so its cost is an upper bound.
 IMAGENET_MAX_PER_CLASS = 1300
-# CPUs per GPU follow from the measured input pipeline, not a guess: the DeiT recipe's training loader
-# (JPEG decode, RandomResizedCrop, flip, RandAugment, random erasing at 224, on 500x375 JPEGs of ~110
-# KB) does LOADER_IMAGES_PER_S_PER_CORE images/s per core: the median of
+# CPUs per GPU follow from the measured input pipeline, not a guess: the workers of the DeiT recipe's
+# training loader (JPEG decode, RandomResizedCrop, flip, RandAugment at 224, uint8 batches, on 500x375
+# JPEGs of ~110 KB; normalisation and random erasing run on the GPU) do LOADER_IMAGES_PER_S_PER_CORE
+# images/s per core: the median over three runs of `ours_workers` in
 #   benchmarks/bench_data.py --vs-timm --images 192 --rounds 9
-# (AMD EPYC, one core per process; docs/performance.md). A GPU training at the planned speed above needs
-# ceil(speed / per core) loader workers plus one core for the training process; CPUS_PER_GPU is that for
-# the fastest planned ImageNet model (DeiT-Ti: 2500 / 230 -> 11 workers + 1 = 12), so the loader caps
-# none of the throughputs above, which remain GPU estimates until `make gpu-check` measures them.
-# On another CPU, put gpu_check's `loader` images_per_s_per_worker here.
-LOADER_IMAGES_PER_S_PER_CORE = 230
+# (AMD EPYC, one core per process, a loaded machine; docs/performance.md). A GPU training at the planned
+# speed above needs ceil(speed / per core) loader workers plus one core for the training process;
+# CPUS_PER_GPU is that for the fastest planned ImageNet model (DeiT-Ti: 2500 / 209 -> 12 workers + 1 =
+# 13), so the loader caps none of the throughputs above. With measured speeds (paths.measured_speeds)
+# cpus_per_gpu() applies the same rule to them. On another CPU, put gpu_check's `loader`
+# images_per_s_per_worker here.
+LOADER_IMAGES_PER_S_PER_CORE = 209
 MAIN_PROCESS_CPUS = 1
 
 
