@@ -2,10 +2,12 @@
 
 Writes a folder of photographic-like JPEGs in the ImageNet layout (default 500x375, the most
 common ImageNet-1K size, quality 90: multi-octave luma/chroma noise, a gradient, a few hard-edged
-shapes and grain, ~110 KB a file like ImageNet's training JPEGs), then times the project's loader
-(``ImageFolderDataset`` + ``build_transform`` + ``build_loader`` of the DeiT recipe at 224x224:
-RandomResizedCrop, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing) in this one process
-with one thread and no workers, so the number is per core.
+shapes and grain, ~110 KB a file like ImageNet's training JPEGs), then times the loader that trains
+(``mpvg.training.engine._train``'s: ``ImageFolderDataset`` + ``build_transform`` of the DeiT recipe at
+224x224 (RandomResizedCrop, flip, RandAugment rand-m9-mstd0.5-inc1, uint8 out) in ``SeededSamples``
+with the ``EpochSampler``, ``build_train_loader``, then ``DeviceTransform``: normalisation and random
+erasing of the uint8 batch, here on the CPU) in this one process with one thread and no workers, so
+the number is per core.
 
 ``--vs-timm`` times timm's own ``ImageDataset`` + ``create_loader`` (its ``create_transform``,
 ``fast_collate`` and ``PrefetchLoader``, which normalises and erases the batch on the loader's
@@ -15,9 +17,11 @@ on a shared machine do not inflate it), and the medians are compared:
 
     ratio (ours/timm, per core): X.XX
 
-It then prints the cores per GPU that each ImageNet model of the paper plan needs at its
-planned GPU speed (``mpvg.workflow.plan.IMAGES_PER_S_PER_GPU``): loader workers =
-ceil(GPU images/s / per-core images/s), plus the training process itself.
+``ours_workers`` (always timed, interleaved too) is our loader without the batch-wise device part:
+what the worker cores of a GPU node do. From its images/s per core the script prints the cores per
+GPU that each ImageNet model of the paper plan needs at its planned GPU speed
+(``mpvg.workflow.plan.IMAGES_PER_S_PER_GPU``): loader workers = ceil(GPU images/s / per-core
+images/s), plus the training process itself (``plan.LOADER_IMAGES_PER_S_PER_CORE`` holds it).
 
     .venv/bin/python benchmarks/bench_data.py --vs-timm --images 192 --rounds 5
     .venv/bin/python benchmarks/bench_data.py --workers 8 --images 2048     # wall images/s, 8 workers
@@ -91,14 +95,40 @@ def deit_recipe() -> dict:
     return dict(load_params(REPO / "params.yaml", ["scale=paper"])["recipes"]["deit"])
 
 
-def ours_loader(root: Path, recipe: dict, batch: int, workers: int = 0, seed: int = 0, repeat: int = 1):
-    """The project's training loader: ImageFolderDataset + build_transform + build_loader
-    (``repeat``: every file ``repeat`` times, for more items than files)."""
-    from mpvg.data.classification import ImageFolderDataset, build_loader, build_transform
+class OursLoader:
+    """The loader that trains (``mpvg.training.engine._train``): ``ImageFolderDataset`` +
+    ``build_transform`` (uint8 out) in ``SeededSamples``, ``EpochSampler``, ``build_train_loader``,
+    then each batch through ``DeviceTransform`` (normalise + random erasing) on ``device``, as the
+    training loop does. One pass = one epoch (the order changes each pass, as timm's)."""
 
-    ds = ImageFolderDataset(root, "train", build_transform(recipe, is_train=True))
-    ds.samples, ds.targets = ds.samples * repeat, ds.targets * repeat
-    return build_loader(ds, batch, is_train=True, seed=seed, num_workers=workers, pin_memory=False)
+    def __init__(self, root: Path, recipe: dict, batch: int, workers: int = 0, seed: int = 0, repeat: int = 1,
+                 device: str | None = "cpu"):
+        from mpvg.data.classification import ImageFolderDataset, build_train_loader, build_transform
+        from mpvg.data.device_transform import DeviceTransform
+        from mpvg.run.seeding import EpochSampler, SeededSamples
+
+        ds = ImageFolderDataset(root, "train", build_transform(recipe, is_train=True))
+        ds.samples, ds.targets = ds.samples * repeat, ds.targets * repeat
+        self.sampler = EpochSampler(len(ds), batch, seed)
+        self.loader = build_train_loader(SeededSamples(ds), self.sampler, batch, workers, pin_memory=False)
+        # device None: the workers' part only (uint8 batches), what the CPUs of a GPU node do
+        self.transform = None if device is None else DeviceTransform.from_recipe(recipe, device)
+        self.seed, self.epoch = seed, -1
+
+    def __iter__(self):
+        self.epoch += 1
+        self.sampler.set_epoch(self.epoch)
+        for step, (images, targets) in enumerate(self.loader):
+            if self.transform is not None:
+                images = self.transform(images, seed=self.seed, epoch=self.epoch, step=step)
+            yield images, targets
+
+
+def ours_loader(root: Path, recipe: dict, batch: int, workers: int = 0, seed: int = 0, repeat: int = 1,
+                device: str | None = "cpu"):
+    """The project's training loader (:class:`OursLoader`; ``repeat``: every file ``repeat`` times;
+    ``device`` None: without the batch-wise device part)."""
+    return OursLoader(root, recipe, batch, workers, seed, repeat, device)
 
 
 def timm_loader(root: Path, recipe: dict, batch: int, workers: int = 0, device: str = "cpu",
@@ -247,6 +277,7 @@ def main(argv=None) -> int:
         loaders = {"ours": ours_loader(root, recipe, args.batch_size)}
         if args.vs_timm:
             loaders["timm"] = timm_loader(root, recipe, args.batch_size, prefetcher=not args.no_timm_prefetcher)
+        loaders["ours_workers"] = ours_loader(root, recipe, args.batch_size, device=None)
         res = interleaved(loaders, args.rounds)
     finally:
         if tmp:
@@ -256,17 +287,19 @@ def main(argv=None) -> int:
              "timm_prefetcher": not args.no_timm_prefetcher}
     print(json.dumps(setup))
     for k, r in res.items():
-        print(f"{k:5s} {r['images_per_s_per_core']:8.1f} images/s per core (CPU time)  "
+        print(f"{k:12s} {r['images_per_s_per_core']:8.1f} images/s per core (CPU time)  "
               f"{r['images_per_s_wall']:8.1f} images/s wall  out {r['out_shape']}")
     report = {"setup": setup, "loaders": res}
-    per_core = res["ours"]["images_per_s_per_core"]
+    # cores per GPU: on a GPU node the workers stop at uint8 batches; normalisation and erasing run on the GPU
+    per_core = res["ours_workers"]["images_per_s_per_core"]
     if "timm" in res:
-        ratio = per_core / res["timm"]["images_per_s_per_core"]
+        ratio = res["ours"]["images_per_s_per_core"] / res["timm"]["images_per_s_per_core"]
         report["ratio_ours_over_timm_per_core"] = round(ratio, 3)
         print(f"ratio (ours/timm, per core): {ratio:.2f}")
     rows = cores_per_gpu(per_core)
     report["cores_per_gpu"] = rows
-    print(f"cores per GPU at {per_core:.0f} images/s per core (loader workers + 1 training process):")
+    print(f"cores per GPU at {per_core:.0f} images/s per core of the workers' part (uint8 batches; "
+          "loader workers + 1 training process):")
     for row in rows:
         print(f"  {row['model']:10s} {row['planned_gpu_images_per_s']:6d} images/s/GPU -> "
               f"{row['loader_cores']:3d} loader cores, {row['cpus_per_gpu']:3d} CPUs per GPU")

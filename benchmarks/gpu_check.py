@@ -16,7 +16,11 @@ models       every model family (DeiT-Ti/S/B, Swin-Ti, CeiT-Ti, T2T-ViT-7, ViT-L
              GPU's dense bf16 peak, peak memory, PVG/Default and MPVG/Default. timm's own
              ``deit_tiny_patch16_224`` and ``swin_tiny_patch4_window7_224`` (pretrained=False, the
              same kwargs) run in the same interleaved loop: ours/timm (goal >= 1.0).
-compile      torch.compile of DeiT-Ti MPVG: compile time (first step) and speed-up over eager.
+step         one optimizer step of the engine against timm's own train.py step (benchmarks/bench_step.py:
+             DeiT-Ti, Swin-Ti; same model, recipe, batch, bf16), interleaved: ours/timm (goal >= 1.0). Needs
+             timm's train.py at .fetched/timm_train.py (reported SKIPPED otherwise).
+compile      torch.compile of every family's MPVG step (in the plan's order, within the section's budget):
+             compile time (first step), speed-up over eager, first losses within 5%; ``use_compile``.
 nccl         ``torchrun --nproc-per-node 1``: a process group with the engine's own arguments
              (NCCL bound to the GPU), a DDP step as the engine wraps it, then the real ``engine.train``
              for one epoch on generated JPEGs (its all-reduces, barriers and broadcasts go over NCCL).
@@ -26,6 +30,11 @@ deform_attn  multi-scale deformable attention at the COCO injector's shapes, for
              under bf16 autocast against fp32: max relative error of the output and the gradients.
 loader       the input pipeline (DeiT recipe, generated 500x375 JPEGs) with N workers: images/s,
              against the planned and the measured DeiT-Ti GPU speed.
+
+Each section has a time budget (``SECTION_BUDGET_S``, 8 minutes in all): one that runs out starts no
+new family and says which it left out. Writes ``speeds.json`` too: the images/s per model and method
+and the GPU's name, which ``mpvg workflow plan/cost`` and the SLURM runtimes use with
+``--set paths.measured_speeds=bench_out/gpu_check/speeds.json`` (docs/performance.md).
 
 Exits 1 when any section fails (an exception, a non-finite loss, an error over its tolerance);
 goals (ours/timm >= 1.0, the loader keeping up) are reported, not enforced. ``--smoke`` runs every
@@ -55,7 +64,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTIONS = ("models", "compile", "nccl", "downstream", "deform_attn", "loader")
+SECTIONS = ("models", "step", "compile", "nccl", "downstream", "deform_attn", "loader")
+# Seconds each section may start new work in (a family, a model); with the fixed costs of the rest, the whole
+# run stays under 8 minutes on one GPU. A section out of budget reports what it left out.
+SECTION_BUDGET_S = {"models": 120, "step": 45, "compile": 210, "nccl": 40, "downstream": 30, "deform_attn": 10,
+                    "loader": 25}
+SMOKE_BUDGET_S = {"compile": 20}  # the default test suite's share: the first families (DeiT-Ti at least)
+SPEEDS_FILE = "speeds.json"  # what mpvg.workflow.plan reads (paths.measured_speeds)
 FAMILIES = ("DeiT-Ti", "DeiT-S", "DeiT-B", "Swin-Ti", "CeiT-Ti", "T2T-ViT-7", "ViT-Lite")
 METHODS = ("Default", "PVG", "MPVG")
 TIMM_REFERENCE = {"DeiT-Ti": "deit_tiny_patch16_224", "Swin-Ti": "swin_tiny_patch4_window7_224"}
@@ -188,8 +203,11 @@ def section_models(cfg) -> dict:
     device, params = cfg.device, params_for(cfg.smoke)
     amp = resolve_amp("bf16", {}, device)
     peak = peak_tflops(device, cfg.peak_tflops)
-    rows, refs = [], []
+    rows, refs, skipped, start = [], [], [], time.perf_counter()
     for family in cfg.families:
+        if time.perf_counter() - start > cfg.budget["models"]:
+            skipped.append(family)
+            continue
         cells = {m: cell_of(params, family, m) for m in METHODS}
         spec = _spec(params, cells["Default"])
         batch, size, classes = per_gpu_batch(params, cells["Default"], cfg.smoke), spec.recipe["img_size"], spec.num_classes
@@ -228,40 +246,111 @@ def section_models(cfg) -> dict:
                 "ours_mpvg_over_timm": round(next(o["images_per_s"] for o in rows if o["model"] == r["model"]
                                                   and o["variant"] == "MPVG") / r["images_per_s"], 3),
                 "goal_met": 1 / r["ratio_to_default"] >= 1.0} for r in refs]
-    return {"rows": rows, "vs_timm": vs_timm, "peak_tflops": peak, "amp": str(amp)}
+    out = {"rows": rows, "vs_timm": vs_timm, "peak_tflops": peak, "amp": str(amp)}
+    if skipped:
+        out["skipped"] = f"section budget {cfg.budget['models']} s spent before {skipped}"
+    return out
 
 
 def section_compile(cfg) -> dict:
+    """torch.compile of every family's MPVG training step against eager (same weights and batch):
+    first losses within 5%, compile time, speed-up. Families are compiled in the plan's order until
+    the section's budget is spent; ``use_compile`` is what the training default should be for it
+    (compiled correctly and faster)."""
     from mpvg.training.engine import build_model
 
     device, params = cfg.device, params_for(cfg.smoke)
-    cell = cell_of(params, "DeiT-Ti", "MPVG")
-    spec = _spec(params, cell)
-    batch, size = per_gpu_batch(params, cell, cfg.smoke), spec.recipe["img_size"]
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, spec.num_classes, (batch,), device=device)
-    torch.manual_seed(0)
-    eager_model = build_model(spec).to(device)
-    compiled_model = copy.deepcopy(eager_model)
-    eager = step_fn(eager_model, spec.recipe, device, torch.bfloat16)
-    compiled = step_fn(compiled_model, spec.recipe, device, torch.bfloat16,
-                       wrapped=torch.compile(compiled_model, backend=cfg.compile_backend))
-    eager(x, y)
-    sync(device)
-    t0 = time.perf_counter()
-    compiled(x, y)
-    sync(device)
-    first = time.perf_counter() - t0
-    e0, c0 = check_finite(eager.losses[:1], "eager"), check_finite(compiled.losses[:1], "compiled")
-    if abs(c0 - e0) > 0.05 * abs(e0):  # same weights and batch; drop-path draws differ (philox vs eager)
-        raise CheckFailed(f"compiled first loss {c0:.4f} vs eager {e0:.4f}: more than 5% apart")
-    rates = time_interleaved({"eager": eager, "compiled": compiled}, x, y, cfg, device)
-    check_finite(compiled.losses, "compiled")
-    return {"rows": [{"model": "DeiT-Ti", "variant": "MPVG", "backend": cfg.compile_backend, "batch": batch,
-                      "compile_s": round(first, 2), "eager_images_per_s": round(rates["eager"], 1),
-                      "compiled_images_per_s": round(rates["compiled"], 1),
-                      "speedup": round(rates["compiled"] / rates["eager"], 3),
-                      "first_loss_eager": round(e0, 4), "first_loss_compiled": round(c0, 4)}]}
+    rows, failed, start = [], [], time.perf_counter()
+    for family in cfg.families:
+        if time.perf_counter() - start > cfg.budget["compile"]:
+            rows.append({"model": family, "variant": "MPVG", "backend": cfg.compile_backend,
+                         "skipped": f"section budget {cfg.budget['compile']} s spent"})
+            continue
+        cell = cell_of(params, family, "MPVG")
+        spec = _spec(params, cell)
+        batch, size = per_gpu_batch(params, cell, cfg.smoke), spec.recipe["img_size"]
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, spec.num_classes, (batch,), device=device)
+        torch.manual_seed(0)
+        eager_model = build_model(spec).to(device)
+        compiled_model = copy.deepcopy(eager_model)
+        eager = step_fn(eager_model, spec.recipe, device, torch.bfloat16)
+        row = {"model": family, "variant": "MPVG", "backend": cfg.compile_backend, "batch": batch}
+        try:
+            compiled = step_fn(compiled_model, spec.recipe, device, torch.bfloat16,
+                               wrapped=torch.compile(compiled_model, backend=cfg.compile_backend))
+            eager(x, y)
+            sync(device)
+            t0 = time.perf_counter()
+            compiled(x, y)
+            sync(device)
+            first = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - a family that does not compile is reported, the rest go on
+            rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:500], "use_compile": False})
+            failed.append(family)
+            continue
+        e0, c0 = check_finite(eager.losses[:1], f"{family} eager"), check_finite(compiled.losses[:1], f"{family} compiled")
+        agree = abs(c0 - e0) <= 0.05 * abs(e0)  # same weights and batch; drop-path draws differ (philox vs eager)
+        rates = time_interleaved({"eager": eager, "compiled": compiled}, x, y, cfg, device)
+        check_finite(compiled.losses, f"{family} compiled")
+        speedup = rates["compiled"] / rates["eager"]
+        rows.append({**row, "compile_s": round(first, 2), "eager_images_per_s": round(rates["eager"], 1),
+                     "compiled_images_per_s": round(rates["compiled"], 1), "speedup": round(speedup, 3),
+                     "first_loss_eager": round(e0, 4), "first_loss_compiled": round(c0, 4),
+                     "losses_agree": agree, "use_compile": agree and speedup > 1.0})
+        if not agree:
+            failed.append(family)
+        del eager, compiled, eager_model, compiled_model
+        _free(device)
+    if failed:
+        raise CheckFailed(f"torch.compile failed or disagreed with eager for {failed}: {rows}")
+    return {"rows": rows}
+
+
+def section_step(cfg) -> dict:
+    """One optimizer step of the engine against timm's own train.py step (benchmarks/bench_step.py),
+    DeiT-Ti and Swin-Ti, same model, recipe, batch and precision (bf16), interleaved."""
+    import bench_step
+
+    try:
+        timm_train = bench_step.load_timm_train()
+    except FileNotFoundError as err:
+        return {"rows": [], "skipped": str(err)}
+    rows = []
+    for family in [f for f in ("DeiT-Ti", "Swin-Ti") if f in cfg.families]:
+        params = params_for(cfg.smoke)
+        batch = per_gpu_batch(params, cell_of(params, family, "MPVG"), cfg.smoke)
+        rows.append(bench_step.compare(family, cfg.device, "bf16", batch, steps=cfg.iters, rounds=cfg.rounds,
+                                       warmup=cfg.warmup, timm_train=timm_train,
+                                       scale="tiny" if cfg.smoke else "paper"))
+        _free(cfg.device)
+    return {"rows": rows}
+
+
+def speeds_record(report: dict) -> dict | None:
+    """The measured images/s per model and method (models: the engine's bf16 step; downstream: the
+    recipe's precision) for ``mpvg.workflow.plan`` (``paths.measured_speeds``), with the GPU's name."""
+    from mpvg.workflow import plan
+
+    sec = report["sections"]
+    table: dict[str, dict[str, float]] = {}
+    for r in sec.get("models", {}).get("rows", []):
+        table.setdefault(r["model"], {})[r["variant"]] = r["images_per_s"]
+    seen = set()
+    for r in sec.get("downstream", {}).get("rows", []):  # the first row of a task is the recipe's precision
+        task = {"detect": "coco", "segment": "ade20k"}[r["task"]]
+        if task not in seen:
+            seen.add(task)
+            table[task] = {"MPVG": r["images_per_s"]}  # the MPVG cell's model; the methods' backbones cost alike
+    if not table:
+        return None
+    env = report["environment"]
+    return {"format": plan.SPEEDS_FORMAT, "gpu": env["device_name"], "smoke": report["smoke"],
+            "commit": env["git_commit"], "torch": env["torch"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "measured": "models: engine.train_step, bf16 autocast, eager, the paper's per-GPU batch; downstream: "
+                        "the loop body at the recipe's precision, batch 2",
+            "images_per_s_per_gpu": table,
+            "compile": {r["model"]: r.get("use_compile", False) for r in sec.get("compile", {}).get("rows", [])}}
 
 
 def _nccl_overrides(root: Path, cfg) -> list[str]:
@@ -443,7 +532,7 @@ def section_loader(cfg, measured: dict) -> dict:
         1 if cfg.smoke else max(1, min((os.cpu_count() or 2) - 1, plan.CPUS_PER_GPU - plan.MAIN_PROCESS_CPUS)))
     batch, repeat = (8, 2) if cfg.smoke else (256, 4)
     root, kb = shared_jpegs(cfg)
-    loader = ours_loader(root, deit_recipe(), batch, workers, repeat=repeat)  # the page cache is warm anyway
+    loader = ours_loader(root, deit_recipe(), batch, workers, repeat=repeat, device=str(cfg.device))  # as training
     time_pass(loader, max_batches=1)  # start the workers
     res = time_pass(loader)
     rate = res["images"] / res["wall_s"]
@@ -527,6 +616,8 @@ def render(report: dict) -> str:
         if "error" in sec:
             out.append("```\n" + sec["error"].strip()[-2000:] + "\n```\n")
             continue
+        if sec.get("skipped"):
+            out.append(f"SKIPPED: {sec['skipped']}\n")
         out.append(markdown_table(sec["rows"], MODEL_COLUMNS if name == "models" else None))
         if sec.get("vs_timm"):
             out.append("\nours (engine step, same loop) / timm:\n\n" + markdown_table(sec["vs_timm"]))
@@ -569,7 +660,8 @@ def main(argv=None) -> int:
                           iters=args.iters or (1 if small else 10), rounds=args.rounds or (1 if small else 3),
                           warmup=args.warmup if args.warmup is not None else (1 if small else 3),
                           peak_tflops=args.peak_tflops,
-                          compile_backend=args.compile_backend or ("eager" if small else "inductor"))
+                          compile_backend=args.compile_backend or ("eager" if small else "inductor"),
+                          budget={**SECTION_BUDGET_S, **(SMOKE_BUDGET_S if small else {})})
     wanted = [s for s in (args.only or SECTIONS) if s not in args.skip]
     report = {"smoke": small, "environment": environment(device), "sections": {}, "failed": []}
     start = time.perf_counter()
@@ -592,9 +684,18 @@ def main(argv=None) -> int:
         cfg.jpeg_dir.cleanup()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    speeds = speeds_record(report)
+    if speeds is not None:
+        (args.out / SPEEDS_FILE).write_text(json.dumps(speeds, indent=2))
+        print(f"gpu_check: measured speeds in {args.out / SPEEDS_FILE}; the plan uses them with "
+              f"--set paths.measured_speeds={args.out / SPEEDS_FILE}", file=sys.stderr)
     text = render(report)
     (args.out / "gpu_check.md").write_text(text)
     print(text)
+    skipped = [name for name, sec in report["sections"].items() if sec.get("skipped")]
+    if skipped:
+        print(f"gpu_check: SKIPPED {skipped}: " + "; ".join(report["sections"][n]["skipped"] for n in skipped),
+              file=sys.stderr)
     print(f"gpu_check: wrote {args.out / 'gpu_check.json'} and gpu_check.md; "
           f"{'FAILED: ' + ', '.join(report['failed']) if report['failed'] else 'all sections ok'}", file=sys.stderr)
     return 1 if report["failed"] else 0

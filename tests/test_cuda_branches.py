@@ -79,12 +79,13 @@ def test_autocast_choice_per_device():
 
 
 def test_loaders_pin_memory_exactly_on_cuda(monkeypatch):
-    from mpvg.data.classification import build_loader
+    from mpvg.data.classification import ShardSampler, build_train_loader
 
     data = [(torch.zeros(3), 0)] * 8
     on_gpu = distributed.DistInfo(device=torch.device("cuda", 0))
     assert eval_loader(data, 4, on_gpu, 0).pin_memory is True
     assert eval_loader(data, 4, distributed.DistInfo(), 0).pin_memory is False
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert build_loader(data, 4, is_train=True).pin_memory is True       # default: pin when CUDA is there
-    assert build_loader(data, 4, is_train=True, pin_memory=False).pin_memory is False
+    sampler = ShardSampler(8, 1, 0)
+    assert build_train_loader(data, sampler, 4, 2, pin_memory=True).pin_memory is True  # the engine: on CUDA
+    assert build_train_loader(data, sampler, 4, 2, pin_memory=True).persistent_workers is True
+    assert build_train_loader(data, sampler, 4, 0, pin_memory=False).pin_memory is False

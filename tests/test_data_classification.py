@@ -14,8 +14,8 @@ from mpvg import cli
 from mpvg.config import load_params, resolve_run
 from mpvg.data import DatasetError, check_dataset
 from mpvg.data import tiny
-from mpvg.data.classification import (Cifar100Dataset, ImageFolderDataset, ShardSampler, build_classification_data,
-                                      build_loader, build_sampler, build_transform, mixup_kwargs)
+from mpvg.data.classification import (Cifar100Dataset, ImageFolderDataset, ShardSampler, build_dataset,
+                                      build_train_loader, build_transform, mixup_kwargs)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -108,7 +108,7 @@ def test_imagefolder_loader(tmp_path):
     assert np.asarray(img).mean() == pytest.approx(0, abs=3)  # class index 1 of b_cls was drawn with 0
     recipe = load_params(PARAMS, ["scale=paper"])["recipes"]["deit"] | {"img_size": 64}
     x, _ = ImageFolderDataset(root, "val", build_transform(recipe, is_train=True))[0]
-    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert x.shape == (64, 64, 3) and x.dtype == np.uint8  # uint8 HWC: normalised and erased on the device
     x, _ = ImageFolderDataset(root, "val", build_transform(recipe, is_train=False))[5]
     assert x.shape == (3, 64, 64)
 
@@ -130,7 +130,7 @@ def test_cifar_pickle_loader(tmp_path):
 def test_t2t_transfer_transform():
     recipe = load_params(PARAMS, ["scale=paper"])["recipes"]["t2t_c100"] | {"img_size": 64}
     img = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
-    assert build_transform(recipe, True)(img).shape == (3, 64, 64)
+    assert build_transform(recipe, True)(img).shape == (64, 64, 3)
     assert build_transform(recipe, False)(img).shape == (3, 64, 64)
 
 
@@ -148,34 +148,28 @@ def test_samplers():
     ds = list(range(10))
     shards = [list(ShardSampler(len(ds), 3, r)) for r in range(3)]
     assert sorted(sum(shards, [])) == ds  # exact cover, no padding
-    from timm.data.distributed_sampler import RepeatAugSampler
-    from torch.utils.data import DistributedSampler
-    assert isinstance(build_sampler(ds, True, 0, world_size=2, rank=1, repeated_aug=True), RepeatAugSampler)
-    assert isinstance(build_sampler(ds, True, 0, world_size=2, rank=1), DistributedSampler)
-    first = [list(build_loader(ds, 4, True, seed=7)) for _ in range(2)]
-    assert [b.tolist() for b in first[0]] == [b.tolist() for b in first[1]]  # seeded order
-    assert len(first[0]) == 2  # drop_last on train
-    assert sum(len(b) for b in build_loader(ds, 4, False)) == 10
 
 
 # --------------------------------------------------------------------------- tiny data
 
 def test_tiny_round_trip_through_real_loaders(tiny_root):
+    from torch.utils.data import DataLoader
+
     params = _tiny_params(tiny_root)
-    for cell, n_train in (("in1k-deit_ti-mpvg", 1000), ("c100-vit_lite-pvg", 1000)):
+    for cell, n_train in (("in1k-deit_ti-mpvg", 1000), ("c100-vit_lite-pvg", 1000), ("c100-t2t_vit_7-mpvg", 1000)):
         spec = resolve_run(params, cell)
-        data = build_classification_data(spec, seed=0)
-        assert data.num_classes == 10 and len(data.classes) == 10 and data.mixup is None
-        assert len(data.train.dataset) == n_train and len(data.eval.dataset) == 200
-        assert Counter(data.eval.dataset.targets) == {k: 20 for k in range(10)}
+        train, val = (build_dataset(spec.dataset, spec.dataset_root, split, build_transform(spec.recipe, split == "train"),
+                                    spec.num_classes) for split in ("train", "val"))
+        assert len(train.classes) == 10 and mixup_kwargs(spec.recipe, spec.num_classes) is None
+        assert len(train) == n_train and len(val) == 200
+        assert Counter(val.targets) == {k: 20 for k in range(10)}
         batch = spec.recipe["batch_size"]
-        x, y = next(iter(data.train))
-        assert x.shape == (batch, 3, 32, 32) and y.dtype == torch.int64 and 0 <= y.min() and y.max() < 10
-        x, y = next(iter(data.eval))
-        assert x.shape == (batch, 3, 32, 32) and y.tolist() == [i // 20 for i in range(batch)]  # sequential: 20 a class
-    t2t = resolve_run(params, "c100-t2t_vit_7-mpvg")
-    data = build_classification_data(t2t, seed=0, world_size=2, rank=1)
-    assert data.per_process_batch == t2t.recipe["batch_size"] // 2 and len(data.eval.sampler) == 100
+        x, y = next(iter(build_train_loader(train, ShardSampler(len(train), 1, 0), batch, 0, False)))
+        assert x.shape == (batch, 32, 32, 3) and x.dtype == torch.uint8  # collated uint8
+        assert y.dtype == torch.int64 and 0 <= y.min() and y.max() < 10
+        x, y = next(iter(DataLoader(val, batch_size=batch, sampler=ShardSampler(len(val), 2, 1))))
+        assert x.shape == (batch, 3, 32, 32) and x.dtype == torch.float32
+        assert y.tolist() == [(2 * i + 1) // 20 for i in range(batch)]  # rank 1 of 2: every second sample
 
 
 def test_tiny_images_are_learnable(tiny_root):

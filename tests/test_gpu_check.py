@@ -29,12 +29,30 @@ def test_smoke_runs_every_section_and_writes_json_and_table(tmp_path):
     for r in rows:
         assert r["images_per_s"] > 0 and r["gflop_per_step"] > 0 and r["mfu"] is None  # no peak known on CPU
         assert r["ratio_to_default"] == pytest.approx(r["images_per_s"] / next(
-            o["images_per_s"] for o in rows if o["model"] == r["model"] and o["variant"] == "Default"), abs=2e-3)
+            o["images_per_s"] for o in rows if o["model"] == r["model"] and o["variant"] == "Default"), rel=0.01)  # rounded
     assert [v["timm_model"] for v in sec["models"]["vs_timm"]] == ["deit_tiny_patch16_224",
                                                                    "swin_tiny_patch4_window7_224"]
     assert sec["models"]["amp"] == "torch.bfloat16"
-    (comp,) = sec["compile"]["rows"]
-    assert comp["backend"] == "eager" and comp["compile_s"] > 0 and comp["speedup"] > 0
+    comp = sec["compile"]["rows"]
+    assert [r["model"] for r in comp] == list(gpu_check.FAMILIES)  # every family, compiled or left out by budget
+    assert comp[0]["backend"] == "eager" and comp[0]["compile_s"] > 0 and comp[0]["speedup"] > 0
+    assert comp[0]["losses_agree"] and comp[0]["use_compile"] == (comp[0]["speedup"] > 1.0)
+    assert all("compile_s" in r or r["skipped"] == "section budget 20 s spent" for r in comp)
+    steps = sec["step"]["rows"] if (ROOT / ".fetched" / "timm_train.py").is_file() else []
+    assert [r["model"] for r in steps] == (["DeiT-Ti", "Swin-Ti"] if steps else [])
+    assert all(r["ratio_ours_over_timm"] > 0 for r in steps)
+    if not steps:
+        assert "timm_train.py is missing" in sec["step"]["skipped"]
+    # the measured speeds for the plan: every model and method; a smoke file is refused by name
+    from mpvg.workflow import plan
+
+    speeds = json.loads((tmp_path / "speeds.json").read_text())
+    assert speeds["smoke"] is True and set(speeds["images_per_s_per_gpu"]) == {*gpu_check.FAMILIES, "coco", "ade20k"}
+    assert all(set(v) == set(gpu_check.METHODS) for k, v in speeds["images_per_s_per_gpu"].items() if k in gpu_check.FAMILIES)
+    with pytest.raises(ValueError, match=f"measured speeds file {tmp_path / 'speeds.json'} .*--smoke"):
+        plan.load_speeds(tmp_path / "speeds.json")
+    (tmp_path / "gpu.json").write_text(json.dumps({**speeds, "smoke": False}))
+    assert plan.load_speeds(tmp_path / "gpu.json")["images_per_s_per_gpu"]["DeiT-Ti"]["MPVG"] > 0
     (nccl,) = sec["nccl"]["rows"]
     assert nccl["backend"] == "gloo" and nccl["world_size"] == 1 and nccl["all_reduce_ok"]
     assert nccl["engine_images_per_s"] > 0 and nccl["engine_train_loss"] > 0

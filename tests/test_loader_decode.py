@@ -78,6 +78,6 @@ def test_dataset_hands_undecoded_jpegs_only_to_the_draft_transform(tmp_path):
     ds = ImageFolderDataset(tmp_path / "in", "train", train_tf)
     for i in range(2):
         x, y = ds[i]
-        assert tuple(x.shape) == (3, 224, 224) and y == 0
+        assert tuple(x.shape) == (224, 224, 3) and x.dtype == np.uint8 and y == 0
     plain = ImageFolderDataset(tmp_path / "in", "train")
     assert all(plain[i][0].mode == "RGB" and plain[i][0].size == (300, 200) for i in range(2))

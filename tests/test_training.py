@@ -156,7 +156,7 @@ def test_seeded_samples_repeat_augmentation_and_leave_global_rng_alone(tiny_data
     torch.manual_seed(0)
     expected_next = torch.rand(3)
     torch.manual_seed(0)
-    a, b, c = data[(5, 123)][0], data[(5, 123)][0], data[(5, 124)][0]
+    a, b, c = (torch.as_tensor(data[item][0]) for item in ((5, 123), (5, 123), (5, 124)))  # uint8 HWC arrays
     assert torch.equal(a, b) and not torch.equal(a, c)  # same seed, same crop/flip; another seed differs
     assert torch.equal(torch.rand(3), expected_next)  # the training RNG stream is untouched
 

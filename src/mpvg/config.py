@@ -169,7 +169,8 @@ SCHEMA = _obj({
     # optional: {cell id or glob: [seeds]} overriding `seeds` for the cells it matches (cell_seeds)
     "seeds_per_cell": {"type": "object", "additionalProperties": {
         "type": "array", "items": _NN_INT, "minItems": 1, "uniqueItems": True}},
-    "paths": _obj({"runs": _STR, "reports": _STR, "data": _STR}, ["runs", "reports", "data"]),
+    "paths": _obj({"runs": _STR, "reports": _STR, "data": _STR, "measured_speeds": _STR},  # speeds: workflow.plan
+                  ["runs", "reports", "data"]),
     "tracking": _obj({"uri": _STR, "experiment": {"type": "string", "minLength": 1}},
                      ["uri", "experiment"]),
     "datasets": _obj({d: _DATASET for d in DATASETS}, DATASETS),

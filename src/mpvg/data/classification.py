@@ -7,7 +7,6 @@ the T2T CIFAR transfer transform, which is torchvision's resize + padded crop.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -184,10 +183,17 @@ def build_transform(recipe: Mapping, is_train: bool):
     """The recipe's train or eval transform.
 
     ``transform: timm`` -> ``timm.data.create_transform`` (RandomResizedCrop with ``scale``,
-    flip, RandAugment, color jitter (timm ignores it when RandAugment is on), random erasing;
-    eval: resize to ``img_size / crop_pct`` and center crop).  ``resize_pad_crop`` -> the T2T
-    transfer script: resize, ``RandomCrop(size, padding=size // 8)``, flip; eval: resize.
+    flip, RandAugment, color jitter (timm ignores it when RandAugment is on); eval: resize to
+    ``img_size / crop_pct`` and center crop).  ``resize_pad_crop`` -> the T2T transfer script:
+    resize, ``RandomCrop(size, padding=size // 8)``, flip; eval: resize.
+
+    The train transform ends in a uint8 ``HWC`` array (:class:`ToUint8HWC`; the loader collates
+    uint8): normalisation and random erasing (``reprob``/``remode``/``recount``) run batch-wise on
+    the training device (:class:`mpvg.data.device_transform.DeviceTransform`), as in timm
+    train.py's prefetcher path. The eval transform returns normalised float32 ``CHW`` tensors.
     """
+    from mpvg.data.device_transform import ToUint8HWC
+
     size = int(recipe["img_size"])
     mean, std = tuple(recipe["mean"]), tuple(recipe["std"])
     if recipe["transform"] == "resize_pad_crop":
@@ -196,7 +202,8 @@ def build_transform(recipe: Mapping, is_train: bool):
         interp = T.InterpolationMode(recipe["interpolation"])
         ops = [T.Resize((size, size), interpolation=interp)]
         if is_train:
-            ops += [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(recipe["hflip"])]
+            return T.Compose(ops + [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(recipe["hflip"]),
+                                    ToUint8HWC()])
         return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
     from timm.data import create_transform
 
@@ -204,11 +211,12 @@ def build_transform(recipe: Mapping, is_train: bool):
     if not is_train:
         return create_transform(size, is_training=False, interpolation=recipe["interpolation"],
                                 mean=mean, std=std, crop_pct=recipe["crop_pct"])
-    return _with_draft_decode(create_transform(
+    transform = create_transform(
         size, is_training=True, scale=tuple(recipe["scale"]), hflip=recipe["hflip"],
         color_jitter=recipe["color_jitter"], auto_augment=recipe["randaugment"],
-        interpolation=recipe["train_interpolation"], mean=mean, std=std,
-        re_prob=recipe["reprob"], re_mode=recipe["remode"], re_count=recipe["recount"]))
+        interpolation=recipe["train_interpolation"], use_prefetcher=True)
+    transform.transforms[-1] = ToUint8HWC()  # timm's MaybePILToTensor (CHW): HWC is one copy less
+    return _with_draft_decode(transform)
 
 
 def mixup_kwargs(recipe: Mapping, num_classes: int) -> dict | None:
@@ -240,80 +248,12 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def build_sampler(dataset, is_train: bool, seed: int, world_size: int = 1, rank: int = 0,
-                  repeated_aug: bool = False) -> Sampler:
-    """Train: shuffled (``DistributedSampler``, or timm's ``RepeatAugSampler`` when
-    ``repeated_aug`` under DDP, as DeiT/CeiT); eval: sequential shards.  Call
-    ``sampler.set_epoch(e)`` each epoch when it has one."""
-    from torch.utils.data import DistributedSampler, RandomSampler
-
-    if not is_train:
-        return ShardSampler(len(dataset), world_size, rank)
-    if world_size > 1:
-        if repeated_aug:
-            from timm.data.distributed_sampler import RepeatAugSampler
-
-            return RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True)
-        return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return RandomSampler(dataset, generator=gen)
-
-
-def build_loader(dataset, batch_size: int, is_train: bool, seed: int = 0, num_workers: int = 0,
-                 world_size: int = 1, rank: int = 0, repeated_aug: bool = False,
-                 pin_memory: bool | None = None) -> DataLoader:
-    """A DataLoader with the right sampler, per-process ``batch_size``, seeded workers.
-
-    Worker RNGs (torch, ``random`` and numpy, which RandAugment uses) derive from the loader's
-    seeded generator, so a run's augmentations depend only on (seed, rank).
-    """
-    gen = torch.Generator()
-    gen.manual_seed(seed * 1000 + rank)
-    sampler = build_sampler(dataset, is_train, seed, world_size, rank, repeated_aug)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      drop_last=is_train and len(sampler) >= batch_size,
-                      persistent_workers=num_workers > 0, generator=gen)
-
-
-@dataclass
-class ClassificationData:
-    """What the training engine needs from the data side."""
-
-    train: DataLoader
-    eval: DataLoader
-    num_classes: int
-    classes: list
-    mixup: dict | None          # kwargs for timm.data.Mixup, None when off
-    per_process_batch: int
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle distributed samplers (no-op for single-process runs)."""
-        if hasattr(self.train.sampler, "set_epoch"):
-            self.train.sampler.set_epoch(epoch)
-
-
-def per_process_batch(global_batch: int, world_size: int) -> int:
-    if global_batch % world_size:
-        raise ValueError(f"batch_size {global_batch} (global) is not divisible by world size {world_size}")
-    return global_batch // world_size
-
-
-def build_classification_data(spec, seed: int = 0, world_size: int = 1, rank: int = 0,
-                              num_workers: int | None = None) -> ClassificationData:
-    """Train/eval loaders for a :class:`mpvg.config.RunSpec` of a classification cell."""
-    recipe = spec.recipe
-    for split in ("train", "val"):
-        check_dataset(spec.dataset, spec.dataset_root, split, spec.num_classes, spec.classes)
-    train_ds = build_dataset(spec.dataset, spec.dataset_root, "train", build_transform(recipe, True), spec.num_classes,
-                             spec.classes)
-    eval_ds = build_dataset(spec.dataset, spec.dataset_root, "val", build_transform(recipe, False), spec.num_classes,
-                            spec.classes)
-    batch = per_process_batch(recipe["batch_size"], world_size)
-    workers = recipe["workers"] if num_workers is None else num_workers
-    return ClassificationData(
-        train=build_loader(train_ds, batch, True, seed, workers, world_size, rank, recipe["repeated_aug"]),
-        eval=build_loader(eval_ds, batch, False, seed, workers, world_size, rank),
-        num_classes=spec.num_classes, classes=list(train_ds.classes),
-        mixup=mixup_kwargs(recipe, spec.num_classes), per_process_batch=batch)
+def build_train_loader(dataset, sampler: Sampler, batch_size: int, workers: int, pin_memory: bool,
+                       collate=None) -> DataLoader:
+    """The training DataLoader: ``sampler`` orders ``dataset`` (whose train transform ends in
+    uint8 ``HWC`` arrays, :func:`build_transform`), batches are collated uint8 ``(N, H, W, C)``
+    and finished on the training device by :class:`mpvg.data.device_transform.DeviceTransform`.
+    Workers persist across epochs; ``pin_memory`` (on CUDA) makes the copy asynchronous.
+    A private generator: creating the iterator draws nothing from the global torch RNG."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      collate_fn=collate, persistent_workers=workers > 0, generator=torch.Generator())

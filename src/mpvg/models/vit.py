@@ -534,14 +534,15 @@ def _cfg(**kwargs) -> dict:
 #: instance's ``pretrained_cfg`` holds the built input size and class count on top.
 #: DeiT: facebookresearch/deit datasets.py (resize 256 bicubic, centre crop 224, ImageNet
 #: mean/std).  T2T-ViT: yitu-opensource/T2T-ViT models/t2t_vit.py ``_cfg`` (crop 0.9, bicubic);
-#: its first layer is the Performer over unfolded 7x7 patches, no conv: ``first_conv=None``
-#: (timm: no input-stem adaptation).  ViT-Lite: Compact-Transformers' CIFAR-100 (32x32, no
+#: its first layer is the Performer over unfolded 7x7 patches, no conv: ``first_conv`` names its
+#: ``kqv`` projection, the first weight that reads the (3 x 7 x 7 unfolded) pixels, as timm's
+#: tests want a layer name.  ViT-Lite: Compact-Transformers' CIFAR-100 (32x32, no
 #: resize or crop at evaluation, its dataset mean/std).
 default_cfgs = generate_default_cfgs({
     "mpvg_deit_tiny_patch16_224": _cfg(),
     "mpvg_deit_small_patch16_224": _cfg(),
     "mpvg_deit_base_patch16_224": _cfg(),
-    "mpvg_t2t_vit_7": _cfg(crop_pct=0.9, first_conv=None),
+    "mpvg_t2t_vit_7": _cfg(crop_pct=0.9, first_conv="patch_embed.attention1.kqv"),
     "mpvg_vit_lite_7_4": _cfg(num_classes=100, input_size=(3, 32, 32), crop_pct=1.0,
                               mean=CIFAR100_MEAN, std=CIFAR100_STD),
 })

@@ -109,8 +109,9 @@ def train_loader(dataset: Dataset, global_batch: int, seed: int, dist, workers: 
 
     The loader gets a private generator: creating its iterator must not draw from the global
     torch RNG."""
+    from mpvg.data.classification import build_train_loader
+
     sampler = EpochSampler(len(dataset), global_batch, seed, dist.rank, dist.world_size, repeats=repeats)
-    loader = DataLoader(SeededSamples(dataset), batch_size=global_batch // dist.world_size, sampler=sampler,
-                        num_workers=workers, collate_fn=collate, pin_memory=dist.device.type == "cuda",
-                        persistent_workers=workers > 0, generator=torch.Generator())
+    loader = build_train_loader(SeededSamples(dataset), sampler, global_batch // dist.world_size, workers,
+                                dist.device.type == "cuda", collate)
     return sampler, loader

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mpvg import runinfo
+from mpvg.data.device_transform import DeviceTransform
 from mpvg.run import distributed
 from mpvg.run.checkpoint import load_checkpoint
 from mpvg.run.folder import NonFiniteLossError, Preempted, RunFolder, ending_run, load_start_point, open_run
@@ -43,6 +44,7 @@ from mpvg.run.layout import MODEL_CARD, RESULT
 from mpvg.run.loop import (RunOptions, agreed, all_rng_states, count_params, optimizer_step, pe_dict, progress_bar,
                            resolve_amp, start_tracking, unwrap, wrap)
 from mpvg.run.seeding import seed_epoch, seed_everything, train_loader
+from mpvg.training import gpu_defaults
 
 log = logging.getLogger("mpvg.training")
 
@@ -103,13 +105,16 @@ def param_groups(model: torch.nn.Module, recipe: Mapping[str, Any]) -> list[dict
             for (decay, scale), ps in groups.items()]
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Mapping[str, Any], steps_per_epoch: int):
-    """timm's optimizer and scheduler for the recipe, as DeiT / timm's train.py build them."""
+def build_optimizer(model: torch.nn.Module, recipe: Mapping[str, Any], steps_per_epoch: int, fused: bool = False):
+    """timm's optimizer and scheduler for the recipe, as DeiT / timm's train.py build them
+    (``fused``: AdamW's one-kernel update, CUDA only: :mod:`mpvg.training.gpu_defaults`)."""
     import timm.optim
     import timm.scheduler
 
     opt_name = {"adamw": "adamw", "sgd": "momentum"}[recipe["optimizer"]]  # timm's "sgd" is Nesterov
     opt_kwargs = {"eps": recipe["opt_eps"]} if opt_name == "adamw" else {}
+    if fused:
+        opt_kwargs["fused"] = True
     optimizer = timm.optim.create_optimizer_v2(param_groups(model, recipe), opt=opt_name, lr=recipe["lr"],
                                                weight_decay=recipe["weight_decay"], momentum=recipe["momentum"],
                                                **opt_kwargs)
@@ -140,12 +145,14 @@ def build_criterion(recipe: Mapping[str, Any], num_classes: int, local_batch: in
     return None, torch.nn.CrossEntropyLoss()
 
 
-def batch_preparer(device: torch.device, mixup_fn: Callable | None) -> Callable:
-    """The one function the loop calls on each training batch: move it to the device and prepare it
-    there (mixup / cutmix). Transforms that run on the device go here, seeded by ``(seed, epoch,
-    step, rank)`` where they draw random numbers."""
+def batch_preparer(device: torch.device, device_transform: Callable, mixup_fn: Callable | None, seed: int,
+                   rank: int) -> Callable:
+    """The one function the loop calls on each training batch: move the uint8 batch to the device and
+    finish it there: normalisation and random erasing (:class:`mpvg.data.device_transform.DeviceTransform`,
+    every draw seeded by ``(seed, epoch, step, rank)``), then mixup / cutmix."""
     def prepare(images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images = device_transform(images, seed=seed, epoch=epoch, step=step, rank=rank)
+        targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         return images, targets
@@ -193,7 +200,7 @@ class Trainer:
     """What one optimisation step needs, built once by :func:`_train`."""
 
     model: torch.nn.Module          # the plain model (EMA, checkpoints, evaluation)
-    train_model: torch.nn.Module    # the model under torch.compile / DDP
+    train_model: torch.nn.Module    # the model under DDP
     optimizer: Any
     scheduler: Any
     scaler: Any
@@ -202,6 +209,7 @@ class Trainer:
     amp_dtype: torch.dtype | None
     per_step: bool                  # the schedule steps per update (else per epoch)
     clip_grad: float | None
+    step: Callable | None = None    # (images, targets) -> loss: one update, compiled or eager
     num_updates: int = 0
 
 
@@ -227,7 +235,7 @@ def train_one_epoch(t: Trainer, loader, sampler, prepare: Callable, epoch: int, 
         images, targets = prepare(images, targets, epoch, step)
         if t.per_step:
             t.scheduler.step_update(t.num_updates)
-        loss = train_step(t.train_model, images, targets, t.criterion, t.optimizer, t.scaler, t.amp_dtype, t.clip_grad)
+        loss = t.step(images, targets)
         t.num_updates += 1
         if t.ema is not None:
             t.ema.update(t.model, step=t.num_updates)
@@ -304,6 +312,8 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
     local_batch = global_batch // dist.world_size
     workers = recipe["workers"] if opts.num_workers is None else opts.num_workers
     sampler, loader = train_loader(train_set, global_batch, seed, dist, workers, 3 if recipe["repeated_aug"] else 1)
+    device_transform = DeviceTransform.from_recipe(recipe, device)  # workers collate uint8; the rest is here
+    log.info("input pipeline: uint8 batches, %r", device_transform)
     val_loader = eval_loader(val_set, local_batch, dist, workers)
     steps_per_epoch = sampler.steps_per_epoch
 
@@ -320,11 +330,13 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
     n_params = count_params(model)
 
     # optimizer, schedule, loss: timm's factories, as DeiT / timm train.py
-    optimizer, scheduler = build_optimizer(model, recipe, steps_per_epoch)
+    amp_dtype = resolve_amp(opts.amp, recipe, device)
+    fast = gpu_defaults.choose(device, amp_dtype, recipe["optimizer"], workers, compile="on" if opts.compile else "auto")
+    log.info(fast.describe())
+    optimizer, scheduler = build_optimizer(model, recipe, steps_per_epoch, fused=fast.fused_adamw)
     total_epochs = recipe["epochs"] + recipe["cooldown_epochs"]
     mixup_fn, criterion = build_criterion(recipe, spec.num_classes, local_batch, dist.world_size)
     ema = timm.utils.ModelEmaV3(model, decay=recipe.get("model_ema_decay", 0.99996)) if recipe.get("model_ema") else None
-    amp_dtype = resolve_amp(opts.amp, recipe, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     t = Trainer(model, model, optimizer, scheduler, scaler, criterion, ema, amp_dtype, bool(recipe["sched_per_step"]),
                 recipe["clip_grad"])
@@ -348,11 +360,18 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
         log.info("resumed from %s: epoch %d, step %d of %d", ckpt_path, start_epoch, start_step, steps_per_epoch)
         del ckpt
 
-    t.train_model = wrap(model, dist, opts.compile, broadcast_buffers=False)
+    t.train_model = wrap(model, dist, broadcast_buffers=False)
+
+    def one_step(m, images, targets):
+        return train_step(m, images, targets, criterion, optimizer, scaler, amp_dtype, recipe["clip_grad"])
+
+    # compiled (eager again, with a message, if compiling fails) or eager
+    t.step = (gpu_defaults.compile_with_fallback(t.train_model, one_step, device, f"{cell.id} ({spec.model_name})")
+              if fast.compile else lambda images, targets: one_step(t.train_model, images, targets))
     tracker, run_id = start_tracking(run, spec, opts, {
         "seed": seed, "world_size": dist.world_size, "local_batch": local_batch, "amp": str(amp_dtype),
         "compile": opts.compile, "init_from": opts.init_from, "params": n_params}, run_id)
-    prepare = batch_preparer(device, mixup_fn)
+    prepare = batch_preparer(device, device_transform, mixup_fn, seed, dist.rank)
 
     def checkpoint(epoch: int, step: int, epoch_progress: dict | None = None) -> None:
         """Everything needed to continue exactly (rank 0 writes; all ranks give their RNG)."""

@@ -103,8 +103,12 @@ def register(subparsers) -> None:
 def _params(args):
     from mpvg.config import ConfigError, params_from_args
 
+    from mpvg.workflow.plan import measured_speeds
+
     try:
-        return params_from_args(args)
+        params = params_from_args(args)
+        measured_speeds(params)  # a malformed paths.measured_speeds file stops here, named
+        return params
     except ConfigError as err:
         print(f"mpvg: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,7 +1,8 @@
 """The README's cost tables: planned GPU-hours per cell at the paper or budget scale, from the recipes.
 
 GPU-hours of a job = images it trains on (epochs x training-set size, or iterations x batch)
-/ planned throughput per GPU (mpvg.workflow.plan.IMAGES_PER_S_PER_GPU) / 3600. The job's
+/ throughput per GPU (mpvg.workflow.plan.throughput: measured by gpu_check when
+``paths.measured_speeds`` names its file, else the estimates IMAGES_PER_S_PER_GPU) / 3600. The job's
 SLURM runtime adds the safety margin on top of this divided by its GPUs. ``seeds`` multiplies
 every cell (each seed is one more run of the whole grid).
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from mpvg.config import expand_cells
-from mpvg.workflow.plan import epochs_images, gpus_for, paper_gpu_hours, throughput
+from mpvg.workflow.plan import (epochs_images, gpus_for, measured_throughput, paper_gpu_hours, throughput,
+                                throughput_source)
 
 PLANNED_SCALES = ("paper", "budget")
 
@@ -28,7 +30,8 @@ def cost_rows(params: Mapping, seeds: Optional[int] = None) -> list[dict]:
     for cell in expand_cells(params).values():
         hours = paper_gpu_hours(params, cell)
         rows.append({"cell": cell.id, "tables": ",".join(cell.tables), "gpus": gpus_for(cell, params["scale"]),
-                     "images_m": epochs_images(params, cell) / 1e6, "img_s_gpu": throughput(cell),
+                     "images_m": epochs_images(params, cell) / 1e6, "img_s_gpu": throughput(cell, params),
+                     "measured": measured_throughput(cell, params) is not None,
                      "gpu_hours": hours, "all_seeds": hours * n, "seeds": n})
     return rows
 
@@ -61,10 +64,11 @@ def cost_table(params: Mapping, by_model: bool = False, seeds: Optional[int] = N
     ncells = len(rows)
     if by_model:
         rows = rows_by_model(rows)
-    lines = ["| cell | tables | GPUs | images (M) | img/s/GPU | GPU-h per cell and seed | wall-clock h |",
+    source = throughput_source(params)  # which img/s are measured (gpu_check) and on which GPU
+    lines = [f"| cell | tables | GPUs | images (M) | img/s/GPU ({source}) | GPU-h per cell and seed | wall-clock h |",
              "|---|---|--:|--:|--:|--:|--:|"]
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['tables']} | {r['gpus']} | {r['images_m']:.1f} | {r['img_s_gpu']} "
+        lines.append(f"| {r['cell']} | {r['tables']} | {r['gpus']} | {r['images_m']:.1f} | {r['img_s_gpu']:.0f}{'' if r['measured'] or source == 'estimated' else '*'} "
                      f"| {r['gpu_hours']:.1f} | {r['gpu_hours'] / r['gpus']:.1f} |")
     total = sum(r["all_seeds"] for r in rows)
     share = f" = {100 * total / reference:.1f} % of one paper-scale seed ({reference:.0f} GPU-h)" if reference else ""

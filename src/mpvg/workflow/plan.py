@@ -11,12 +11,13 @@ Plain Python: never imports snakemake, dvc or torch (Snakemake imports this whil
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from mpvg.config import Cell, cell_seeds, dataset_classes, expand_cells, run_dir
+from mpvg.config import Cell, ConfigError, cell_seeds, dataset_classes, expand_cells, run_dir
 
 # Jobs that train a cell, by Cell.stage; the rule name and the `mpvg` sub-command.
 CELL_STAGES = ("train", "finetune", "detect", "segment")
@@ -55,16 +56,18 @@ TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar100": 50_000, "coco": 118_287, "ade
 # A class subset of ImageNet (ImageNet-100) is planned at the most images an ImageNet-1K training
 # class holds (1300; classes hold 732-1300), so its cost is an upper bound.
 IMAGENET_MAX_PER_CLASS = 1300
-# CPUs per GPU follow from the measured input pipeline, not a guess: the DeiT recipe's training loader
-# (JPEG decode, RandomResizedCrop, flip, RandAugment, random erasing at 224, on 500x375 JPEGs of ~110
-# KB) does LOADER_IMAGES_PER_S_PER_CORE images/s per core: the median of
+# CPUs per GPU follow from the measured input pipeline, not a guess: the workers of the DeiT recipe's
+# training loader (JPEG decode, RandomResizedCrop, flip, RandAugment at 224, uint8 batches, on 500x375
+# JPEGs of ~110 KB; normalisation and random erasing run on the GPU) do LOADER_IMAGES_PER_S_PER_CORE
+# images/s per core: the median over three runs of `ours_workers` in
 #   benchmarks/bench_data.py --vs-timm --images 192 --rounds 9
-# (AMD EPYC, one core per process; docs/performance.md). A GPU training at the planned speed above needs
-# ceil(speed / per core) loader workers plus one core for the training process; CPUS_PER_GPU is that for
-# the fastest planned ImageNet model (DeiT-Ti: 2500 / 230 -> 11 workers + 1 = 12), so the loader caps
-# none of the throughputs above, which remain GPU estimates until `make gpu-check` measures them.
-# On another CPU, put gpu_check's `loader` images_per_s_per_worker here.
-LOADER_IMAGES_PER_S_PER_CORE = 230
+# (AMD EPYC, one core per process, a loaded machine; docs/performance.md). A GPU training at the planned
+# speed above needs ceil(speed / per core) loader workers plus one core for the training process;
+# CPUS_PER_GPU is that for the fastest planned ImageNet model (DeiT-Ti: 2500 / 209 -> 12 workers + 1 =
+# 13), so the loader caps none of the throughputs above. With measured speeds (paths.measured_speeds)
+# cpus_per_gpu() applies the same rule to them. On another CPU, put gpu_check's `loader`
+# images_per_s_per_worker here.
+LOADER_IMAGES_PER_S_PER_CORE = 209
 MAIN_PROCESS_CPUS = 1
 
 
@@ -75,8 +78,8 @@ def loader_cpus_per_gpu(images_per_s: float, per_core: float = LOADER_IMAGES_PER
     return math.ceil(images_per_s / per_core) + MAIN_PROCESS_CPUS
 
 
-CPUS_PER_GPU = max(loader_cpus_per_gpu(IMAGES_PER_S_PER_GPU[m])
-                   for m in ("DeiT-Ti", "DeiT-S", "DeiT-B", "Swin-Ti", "CeiT-Ti", "T2T-ViT-7"))
+IMAGENET_MODELS = ("DeiT-Ti", "DeiT-S", "DeiT-B", "Swin-Ti", "CeiT-Ti", "T2T-ViT-7")
+CPUS_PER_GPU = max(loader_cpus_per_gpu(IMAGES_PER_S_PER_GPU[m]) for m in IMAGENET_MODELS)
 MEM_MB_PER_GPU = 48_000
 RUNTIME_SAFETY = 1.3        # evaluation, data loading stalls, restarts
 MIN_RUNTIME_MIN = 30
@@ -111,14 +114,101 @@ def gpus_for(cell: Cell, scale: str = "paper") -> int:
     return GPUS_BY_MODEL.get((cell.task, cell.model), GPUS[cell.task])
 
 
-def throughput(cell: Cell) -> float:
-    return IMAGES_PER_S_PER_GPU[cell.task if cell.stage in ("detect", "segment") else cell.model]
+# --------------------------------------------------------------------------- measured speeds
+# `make gpu-check` writes the images/s it measured per model and method, with the GPU's name
+# (bench_out/gpu_check/speeds.json); `paths.measured_speeds` (params.yaml or
+# `--set paths.measured_speeds=FILE`) makes the plan, the SLURM runtimes and `mpvg workflow cost`
+# use them instead of IMAGES_PER_S_PER_GPU. A model or method the file lacks keeps its estimate.
+SPEEDS_FORMAT = "mpvg-speeds-v1"
+
+
+def _speeds_error(path, what: str) -> ConfigError:
+    return ConfigError(f"measured speeds file {path} (paths.measured_speeds): {what}; expected "
+                      f'{{"format": "{SPEEDS_FORMAT}", "gpu": NAME, "images_per_s_per_gpu": '
+                      '{MODEL: {METHOD: images/s}}} as `make gpu-check` writes it')
+
+
+def load_speeds(path: str | Path) -> dict:
+    """The measured-speeds file at ``path``, checked; a malformed one is an error naming the file."""
+    path = Path(path)
+    try:
+        return _load_speeds(str(path), path.stat().st_mtime_ns)
+    except FileNotFoundError:
+        raise _speeds_error(path, "no such file") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_speeds(path: str, _mtime_ns: int) -> dict:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise _speeds_error(path, f"not readable JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != SPEEDS_FORMAT:
+        raise _speeds_error(path, f"'format' is not {SPEEDS_FORMAT!r}")
+    if data.get("smoke"):
+        raise _speeds_error(path, "it comes from `gpu_check.py --smoke` (tiny models on CPU), not a GPU")
+    if not isinstance(data.get("gpu"), str) or not data["gpu"]:
+        raise _speeds_error(path, "'gpu' (the GPU's name) is missing")
+    table = data.get("images_per_s_per_gpu")
+    if not isinstance(table, dict) or not table:
+        raise _speeds_error(path, "'images_per_s_per_gpu' is missing or empty")
+    for model, methods in table.items():
+        if model not in IMAGES_PER_S_PER_GPU:
+            raise _speeds_error(path, f"unknown model {model!r} (known: {sorted(IMAGES_PER_S_PER_GPU)})")
+        if not isinstance(methods, dict) or not methods:
+            raise _speeds_error(path, f"{model}: expected a map of method -> images/s")
+        for method, value in methods.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise _speeds_error(path, f"{model}/{method}: {value!r} is not a positive images/s")
+    return data
+
+
+def measured_speeds(params: Mapping | None) -> dict | None:
+    """The measured-speeds file of ``params`` (``paths.measured_speeds``), or None for the estimates."""
+    path = ((params or {}).get("paths") or {}).get("measured_speeds")
+    return load_speeds(path) if path else None
+
+
+def measured_throughput(cell: Cell, params: Mapping | None) -> float | None:
+    """The measured images/s per GPU of ``cell``'s model (or downstream task) and method in the
+    file ``paths.measured_speeds`` of ``params``; None without the file or an entry for it."""
+    speeds = measured_speeds(params)
+    key = cell.task if cell.stage in ("detect", "segment") else cell.model
+    value = (speeds or {}).get("images_per_s_per_gpu", {}).get(key, {}).get(cell.method)
+    return float(value) if value else None
+
+
+def throughput(cell: Cell, params: Mapping | None = None) -> float:
+    """Training images/s per GPU of ``cell``: measured (:func:`measured_throughput`) when the file
+    has the cell's model and method, else the estimate :data:`IMAGES_PER_S_PER_GPU`."""
+    measured = measured_throughput(cell, params)
+    return measured or IMAGES_PER_S_PER_GPU[cell.task if cell.stage in ("detect", "segment") else cell.model]
+
+
+def throughput_source(params: Mapping | None) -> str:
+    """Where :func:`throughput` takes its numbers from, for table headers: ``estimated``, or
+    ``measured on <GPU>, * estimated`` (rows the file has no entry for are starred)."""
+    speeds = measured_speeds(params)
+    return "estimated" if speeds is None else f"measured on {speeds['gpu']}, * estimated"
+
+
+def cpus_per_gpu(params: Mapping | None = None) -> int:
+    """CPUs per GPU: loader workers for the fastest ImageNet model at the speeds in effect, plus the
+    trainer (:data:`CPUS_PER_GPU` with the estimates)."""
+    speeds = measured_speeds(params)
+    if speeds is None:
+        return CPUS_PER_GPU
+    fastest = max([IMAGES_PER_S_PER_GPU[m] for m in IMAGENET_MODELS]
+                  + [v for m in IMAGENET_MODELS for v in speeds["images_per_s_per_gpu"].get(m, {}).values()])
+    return loader_cpus_per_gpu(fastest)
 
 
 def paper_gpu_hours(params: Mapping, cell: Cell) -> float:
-    """Estimated GPU-hours of one seed of ``cell`` with the recipes of ``params`` (the paper or
-    the budget scale; no safety margin)."""
-    return epochs_images(params, cell) / throughput(cell) / 3600.0
+    """GPU-hours of one seed of ``cell`` with the recipes of ``params`` (the paper or the budget
+    scale; no safety margin), at the measured or estimated speed (:func:`throughput`)."""
+    return epochs_images(params, cell) / throughput(cell, params) / 3600.0
 
 
 def cell_resources(params: Mapping, cell: Cell) -> dict:
@@ -132,7 +222,8 @@ def cell_resources(params: Mapping, cell: Cell) -> dict:
         return dict(TINY)
     gpus = gpus_for(cell, params["scale"])
     hours = paper_gpu_hours(params, cell) / gpus * RUNTIME_SAFETY
-    return {"gpu": gpus, "threads": gpus * CPUS_PER_GPU, "cpus_per_task": gpus * CPUS_PER_GPU, "mem_mb": gpus * MEM_MB_PER_GPU,
+    cpus = gpus * cpus_per_gpu(params)
+    return {"gpu": gpus, "threads": cpus, "cpus_per_task": cpus, "mem_mb": gpus * MEM_MB_PER_GPU,
             "runtime": min(MAX_RUNTIME_MIN, max(MIN_RUNTIME_MIN, int(math.ceil(hours * 6)) * 10))}
 
 
