@@ -16,6 +16,7 @@ for _job in [job for job in JOBS.values() if not job.key and not job.target]:
             _job.log,
         params:
             cmd=wf.Opaque(_job.shell()),
+            sig=SIG.get((_job.rule, _job.key), ""),
         threads: _job.resources["threads"]
         resources:
             **snakemake_resources(_job),

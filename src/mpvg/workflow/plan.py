@@ -324,13 +324,6 @@ def targets(params: Mapping) -> list[str]:
     return [f"{params['paths']['reports']}/{name}" for name in REPORT_FILES]
 
 
-def trigger_path(params: Mapping, job: Job) -> str:
-    """The file the Snakefile writes (now) for a job that must run, as a non-ancient input newer
-    than its output: Snakemake's own way of rerunning a job (docs/workflow.md, "The rerun rule").
-    Under .snakemake/, Snakemake's own state: a plan leaves the project's folders alone."""
-    return f".snakemake/mpvg-rerun/{job.stage_name}"
-
-
 class Opaque:
     """A value for a Snakemake ``params`` entry that its params rerun trigger leaves out.
 
