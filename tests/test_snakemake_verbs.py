@@ -52,13 +52,14 @@ def snakemake(repo: Path, *args: str) -> str:
     return res.stdout
 
 
-def dot_graph(text: str) -> tuple[dict, set]:
-    """``({id: (rule, key)}, {(from, to)})`` of Snakemake's --dag / --rulegraph output."""
+def dot_graph(text: str, seed: int = 0) -> tuple[dict, set]:
+    """``({id: (rule, key)}, {(from, to)})`` of Snakemake's --dag / --rulegraph output (Snakemake
+    leaves the last wildcard out of long labels: ``seed`` is then the one seed of the plan)."""
     nodes = {}
     for nid, label in re.findall(r'^\s*(\d+)\[label = "([^"]*)"', text, re.M):
         parts = label.split("\\n")
         fields = dict(p.split(": ", 1) for p in parts[1:])
-        key = f"{fields['cell']}-seed{fields['seed']}" if "cell" in fields else ""
+        key = f"{fields['cell']}-seed{fields.get('seed', seed)}" if "cell" in fields else ""
         nodes[nid] = (parts[0], key)
     edges = {(nodes[a], nodes[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", text, re.M)}
     return nodes, edges
@@ -83,6 +84,7 @@ def test_dag_and_rulegraph_hold_every_job_and_edge_of_the_plan(workdir):
     """On a finished DAG (nothing to do), as in a fresh one: the graph is the plan's."""
     fabricate_finished(workdir)
     jobs = plan_jobs(workdir)
+    assert {j.seed for j in jobs if j.cell} == {0}
     edges = plan_edges(jobs)
     nodes, dag_edges = dot_graph(snakemake(workdir, "--dag"))
     assert set(nodes.values()) == {node(j) for j in jobs} | {("all", "")}
@@ -112,6 +114,7 @@ def test_summary_lists_every_output(workdir):
     assert len(t2t) == 8 and updated == t2t | {"reports/figures", *(f"reports/{n}" for n in wf.REPORT_FILES)}
 
 
+@pytest.mark.slow  # about a minute: `snakemake --touch` of the whole DAG
 def test_list_changes_params_names_the_changed_runs(workdir):
     """With Snakemake's records (made here by `snakemake --touch`), a changed recipe value is a
     params change of exactly the runs it concerns: each job's `params: sig`."""
@@ -120,10 +123,11 @@ def test_list_changes_params_names_the_changed_runs(workdir):
     assert "Nothing to be done" in snakemake(workdir, "-n")
     recorded = {o for j in plan_jobs(workdir) for o in j.outs}
     edit_params(workdir, lambda p: p["tiny"]["recipes"]["t2t"].__setitem__("epochs", 4))
-    listed = set(snakemake(workdir, "--list-changes", "params").split())
+    listed = {line for line in snakemake(workdir, "--list-changes", "params").splitlines()
+              if "/" in line and " " not in line}  # the paths (the plan's own notes go to stderr)
     t2t = {o for j in plan_jobs(workdir) if j.cell and "t2t_vit_7" in j.cell for o in j.outs}
-    assert t2t <= listed
-    # Snakemake 9.27.1 lists every output it has a record of, changed or not (persistence.ParamsChange
-    # | keeps an empty change's file): this fails once Snakemake lists only the changed ones, and
-    # then the assert becomes listed == t2t | analyze and report's outputs
-    assert listed == recorded
+    assert t2t <= listed <= recorded
+    # Snakemake 9.27.1 lists an output of every job it has a record of, changed or not
+    # (persistence.ParamsChange.__or__ returns an empty change with its file): this fails once
+    # Snakemake lists only the changed ones, and then the assert is listed == t2t | analyze, report
+    assert "runs/train/in1k-deit_ti-default/seed0/result.json" in listed
