@@ -131,3 +131,39 @@ def test_list_changes_params_names_the_changed_runs(workdir):
     # (persistence.ParamsChange.__or__ returns an empty change with its file): this fails once
     # Snakemake lists only the changed ones, and then the assert is listed == t2t | analyze, report
     assert "runs/train/in1k-deit_ti-default/seed0/result.json" in listed
+
+
+@pytest.mark.slow  # about a minute: one real training run
+def test_two_snakemakes_at_once_the_second_stops_naming_the_first_and_dvc_agrees_after(workdir):
+    """Two real `snakemake` runs started at once in one project: the second stops at its start
+    with the message below and changes nothing; the first completes, records its runs in dvc.lock
+    (`mpvg workflow dvc-commit`, its onsuccess) and `dvc status` then has nothing to reproduce."""
+    import subprocess
+    import time
+
+    from conftest import tool_env
+    from test_dag_moves import small_grid
+
+    small_grid(workdir)
+    target = "runs/train/c100-vit_lite-mpvg/seed0/result.json"
+    first = subprocess.Popen(["snakemake", "--cores", "1", target], cwd=workdir, env=tool_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = workdir / "runs/.snakemake-run.lock"
+    deadline = time.monotonic() + 300
+    while not (lock.exists() and f"pid {first.pid} " in lock.read_text()):  # the first holds the lock
+        assert first.poll() is None and time.monotonic() < deadline, "the first Snakemake did not start"
+        time.sleep(0.2)
+    second = run(["snakemake", "--cores", "1", target], workdir, timeout=300)
+    out = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, out[-3000:]
+    assert second.returncode != 0
+    assert re.search(rf"another Snakemake runs this workflow in {re.escape(str(workdir))} \(pid {first.pid} on "
+                     r"\S+, started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; lock runs/\.snakemake-run\.lock\)\. Wait for it "
+                     r"to finish, or stop it", second.stdout), second.stdout[-3000:]
+    assert "Running stage" not in second.stdout and "rule train:" not in second.stdout.split("another Snakemake")[0]
+    assert "mpvg workflow dvc-commit:" in out and "stages recorded in dvc.lock" in out, out[-3000:]
+    status = run(["dvc", "status", "train@c100-vit_lite-mpvg-seed0"], workdir)
+    assert status.returncode == 0 and "Data and pipelines are up to date." in status.stdout, status.stdout
+    # after it, the lock is free: the same command has nothing to do
+    again = run(["snakemake", "--cores", "1", target], workdir)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout[-2000:]

@@ -172,8 +172,9 @@ def _dvc_view(workdir: Path) -> dict:
     with Repo(str(workdir)) as repo:
         for stage in repo.index.stages:
             # the targets (table1, ...) have no outs; the settings stage is DVC's own (see docs/workflow.md)
+            # scores.json: an uncached DVC out of each run only (DVC's metrics are the report's, per table)
             outs = tuple(sorted(str(o.def_path) for o in stage.outs if not o.persist and not o.metric
-                                and not o.plot))
+                                and not o.plot and not str(o.def_path).endswith("/scores.json")))
             if not outs or stage.name == "signatures":
                 continue
             deps = sorted(str(d.def_path) for d in stage.deps if type(d).__name__ != "ParamsDependency"

@@ -305,7 +305,8 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
     all_results = [j.outs[0] for j in jobs if j.cell]
     jobs.append(Job(rule="report", key="", args=["report", *common, "--runs", runs, "--out", reports],
                     deps=all_results + [f"{figures}"], outs=[f"{reports}/{name}" for name in REPORT_FILES],
-                    params=["scale", "seeds"], resources=dict(TINY), log=f"{logs}/report.log"))
+                    params=["scale", "seeds"], resources=dict(TINY), log=f"{logs}/report.log",
+                    metrics=[f"{reports}/metrics/{name}.json" for name in TABLE_TARGETS if name != "downstream"]))
     result_of = {j.cell: [] for j in jobs if j.cell}
     for j in jobs:
         if j.cell:
