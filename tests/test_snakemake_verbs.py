@@ -167,3 +167,38 @@ def test_two_snakemakes_at_once_the_second_stops_naming_the_first_and_dvc_agrees
     # after it, the lock is free: the same command has nothing to do
     again = run(["snakemake", "--cores", "1", target], workdir)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout[-2000:]
+
+
+@pytest.mark.slow  # about a minute on 2 busy cores: a real `mpvg report`, then `snakemake --report`
+def test_report_holds_every_table_figure_and_the_claims_with_captions(workdir):
+    """`snakemake --report`: every table and figure page of the paper in its own category, all
+    tables, the claims page, the index and the figures, each with its caption (workflow/report/)."""
+    import zipfile
+
+    fabricate_finished(workdir)
+    made = run(["mpvg", "report", "--runs", "runs", "--out", "reports"], workdir)  # the real report of these results
+    assert made.returncode == 0, made.stdout[-3000:]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name in ("pe_norms", "attention"):  # stand-ins for `mpvg analyze`'s figures (it needs real checkpoints)
+        plt.figure()
+        plt.plot([0, 1])
+        plt.savefig(workdir / "reports/figures" / f"{name}.png")
+        plt.close()
+    assert "Nothing to be done" in snakemake(workdir, "-n")
+    snakemake(workdir, "--report", "report.zip")
+    names = {Path(n).name for n in zipfile.ZipFile(workdir / "report.zip").namelist() if "/data/raw/" in n}
+    pages = {n for n in wf.REPORT_FILES}
+    assert names == pages | {"pe_norms.png", "attention.png"}
+    assert len(pages) == 11
+    html = zipfile.ZipFile(workdir / "report.zip").read("report/report.html").decode()
+    for category in [f"Table {k}" for k in range(1, 7)] + ["Figure 1", "Figure 5", "All tables", "Claims", "Figures"]:
+        assert f'"{category}"' in html or f"{category}" in html, category
+    captions = Path(__file__).resolve().parents[1] / "workflow/report"
+    for rst in sorted(captions.glob("*.rst")):
+        if rst.name != "workflow.rst":
+            plain = re.split(r"[`(\"]", rst.read_text())[0].strip()[:40]  # before any markup
+            assert plain in html, rst.name

@@ -89,6 +89,32 @@ def job_sig(rule):
     return get
 
 
+# ------------------------------------------------------------------------------ snakemake --report
+# Every table, figure and the claims page is a report() output with its caption
+# (workflow/report/*.rst), one category per table of the paper.
+CAPTIONS = Path(workflow.basedir) / "workflow" / "report"
+
+
+def report_outputs(job):
+    """The job's outputs; those of `report` and `analyze` marked for `snakemake --report`."""
+    if job.rule == "analyze":
+        return [report(directory(out), patterns=["{name}.png"], caption=str(CAPTIONS / "figures.rst"),
+                       category="Figures") for out in job.outs]
+    if job.rule != "report":
+        return [directory(out) for out in job.outs] if job.directory_outs else job.outs
+    out = []
+    for path in job.outs:
+        stem = Path(path).stem
+        if stem.startswith(("table", "figure")) and stem != "tables":
+            category = f"{'Table' if stem.startswith('table') else 'Figure'} {stem.lstrip('tablefigure')}"
+            out.append(report(path, caption=str(CAPTIONS / f"{stem}.rst"), category=category))
+        else:
+            caption = {"tables": "tables.rst", "claims": "claims.rst", "README": "readme.rst"}[stem]
+            out.append(report(path, caption=str(CAPTIONS / caption),
+                              category={"claims": "Claims"}.get(stem, "All tables")))
+    return out
+
+
 # ------------------------------------------------------------------------------ one Snakemake at a time
 # Snakemake's own directory lock stays behind when Snakemake is killed and then refuses every run
 # until `--unlock`; the workflow profile turns it off (`nolock`) and the main Snakemake of a real

@@ -11,7 +11,7 @@ for _job in [job for job in JOBS.values() if not job.key and not job.target]:
         input:
             job_inputs(_job),
         output:
-            [directory(out) for out in _job.outs] if _job.directory_outs else _job.outs,
+            report_outputs(_job),
         log:
             _job.log,
         params:

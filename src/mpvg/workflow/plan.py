@@ -30,7 +30,8 @@ HISTORY = "history.json"    # per-epoch / per-evaluation rows (DVC plots)
 JOB_LOG = "job.log"         # what the job printed (Snakemake log:)
 SETTINGS_DIR = ".signatures"  # under paths.runs: each run's settings, DVC's dependency (mpvg workflow signatures)
 # The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).
-REPORT_FILES = ("tables.md", "README.md", "claims.md")
+REPORT_FILES = ("tables.md", "README.md", "claims.md", *(f"table{k}.md" for k in range(1, 7)), "figure1.md",
+                "figure5.md")
 # Targets a researcher asks for by name (`snakemake table2`, `dvc repro table2`): the runs of those
 # tables (and the runs they start from), then those tables re-rendered (`mpvg report --only ...`).
 TABLE_TARGETS = {"table1": ("T1",), "table2": ("T2",), "table3": ("T3",), "table4": ("T4",),
