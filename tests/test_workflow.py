@@ -325,7 +325,8 @@ def test_slurm_profile_is_found_at_the_root():
     assert profile["slurm-requeue"] is True and profile["retries"] >= 1
     assert "slurm_partition" not in profile["default-resources"]  # the user sets it (one place)
     default = yaml.safe_load((ROOT / "profiles/default/config.v8+.yaml").read_text())
-    assert default["rerun-triggers"] == ["software-env"]  # the rerun rule is mpvg's (docs/workflow.md)
+    # the rerun rule in Snakemake's terms: params sig, no input/mtime triggers, the workflow's own lock
+    assert default["rerun-triggers"] == ["params", "software-env"] and default["nolock"] is True
 
 
 def test_conda_env_pins_match_the_lock():
