@@ -104,7 +104,7 @@ def test_summary_lists_every_output(workdir):
     header = lines.index(next(line for line in lines if line.startswith("output_file\t")))
     rows = [line.split("\t") for line in lines[header + 1:] if "\t" in line]
     assert {r[0] for r in rows} == {o for j in jobs for o in j.outs}
-    assert len(rows) == sum(len(j.outs) for j in jobs) == 58
+    assert len(rows) == sum(len(j.outs) for j in jobs) == 66  # 50 results, 4 data folders, figures, 11 report pages
     assert {r[5] for r in rows} == {"no update"}
     # one recipe value changed: its runs and what reads them say what happens to them
     edit_params(workdir, lambda p: p["tiny"]["recipes"]["t2t"].__setitem__("epochs", 4))
