@@ -160,8 +160,7 @@ def job_command(shell: str) -> str:
 def _snakemake_view(workdir: Path, *args: str) -> dict:
     res = snakemake(workdir, "-n", *args)
     assert res.returncode == 0, res.stdout[-3000:]
-    # a job that must run has one more input, its rerun trigger (.snakemake/mpvg-rerun/...): not a DVC dep
-    return {tuple(sorted(j["output"])): (job_command(j["shell"]), sorted(i for i in j["input"] if "mpvg-rerun/" not in i))
+    return {tuple(sorted(j["output"])): (job_command(j["shell"]), sorted(j["input"]))
             for j in dry_run_jobs(res.stdout)}
 
 
