@@ -6,7 +6,7 @@ stages it depends on). Checkpoints are ``persist: true`` outs: DVC keeps them wh
 a stage, so an interrupted run resumes. Each run declares ``history.json`` as its plots
 (``dvc plots show``) and ``scores.json`` as an uncached out; DVC's metrics are the report's, one
 small file per table (``reports/metrics/table2.json``: ``{cell: {metric: mean}}``), so
-``dvc exp show`` and ``dvc metrics diff`` show the tables' cells by name.
+``dvc metrics show`` and ``dvc metrics diff`` show the tables' cells by name.
 Report files are ``cache: false``. The targets ``table1`` ... ``downstream`` are stages too
 (``dvc repro table2``): their runs' results as deps, no outs.
 
