@@ -148,7 +148,7 @@ def test_two_snakemakes_at_once_the_second_stops_naming_the_first_and_dvc_agrees
     target = "runs/train/c100-vit_lite-mpvg/seed0/result.json"
     first = subprocess.Popen(["snakemake", "--cores", "1", target], cwd=workdir, env=tool_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lock = workdir / "runs/.snakemake-run.lock"
+    lock = workdir / ".snakemake/mpvg-run.lock"
     deadline = time.monotonic() + 300
     while not (lock.exists() and f"pid {first.pid} " in lock.read_text()):  # the first holds the lock
         assert first.poll() is None and time.monotonic() < deadline, "the first Snakemake did not start"
@@ -158,7 +158,7 @@ def test_two_snakemakes_at_once_the_second_stops_naming_the_first_and_dvc_agrees
     assert first.returncode == 0, out[-3000:]
     assert second.returncode != 0
     assert re.search(rf"another Snakemake runs this workflow in {re.escape(str(workdir))} \(pid {first.pid} on "
-                     r"\S+, started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; lock runs/\.snakemake-run\.lock\)\. Wait for it "
+                     r"\S+, started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; lock \.snakemake/mpvg-run\.lock\)\. Wait for it "
                      r"to finish, or stop it", second.stdout), second.stdout[-3000:]
     assert "Running stage" not in second.stdout and "rule train:" not in second.stdout.split("another Snakemake")[0]
     assert "mpvg workflow dvc-commit:" in out and "stages recorded in dvc.lock" in out, out[-3000:]

@@ -120,7 +120,8 @@ def report_outputs(job):
 # until `--unlock`; the workflow profile turns it off (`nolock`) and the main Snakemake of a real
 # run holds this kernel lock instead (onstart): a second one stops naming the first, and a
 # killed one holds nothing.
-WORKFLOW_LOCK = Path(RUNS) / ".snakemake-run.lock"
+# our own file in Snakemake's working folder (nothing of Snakemake's is read): the checks before it write nothing
+WORKFLOW_LOCK = Path(".snakemake") / "mpvg-run.lock"
 _workflow_lock = None
 
 
