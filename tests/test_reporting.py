@@ -309,9 +309,9 @@ def test_build_json_totals(tmp_path, params, cells):
 def test_rebuild_is_byte_identical(tmp_path, params, cells):
     a = build_sample(tmp_path, params, cells, "a")
     b = build_sample(tmp_path, params, cells, "b")
-    files = sorted(p.name for p in a.iterdir() if p.name != "build.json")
-    # 9 tables x (.md, .tex), tables.md, tables.tex, README.md, claims.{md,tex,json}
-    assert len(files) == 24
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file() and p.name != "build.json")
+    # 9 tables x (.md, .tex), tables.md, tables.tex, README.md, claims.{md,tex,json}; DVC's metrics per table
+    assert len(files) == 24 + 8 and len([f for f in files if f.startswith("metrics/")]) == 8
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 

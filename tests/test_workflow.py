@@ -160,8 +160,7 @@ def job_command(shell: str) -> str:
 def _snakemake_view(workdir: Path, *args: str) -> dict:
     res = snakemake(workdir, "-n", *args)
     assert res.returncode == 0, res.stdout[-3000:]
-    # a job that must run has one more input, its rerun trigger (.snakemake/mpvg-rerun/...): not a DVC dep
-    return {tuple(sorted(j["output"])): (job_command(j["shell"]), sorted(i for i in j["input"] if "mpvg-rerun/" not in i))
+    return {tuple(sorted(j["output"])): (job_command(j["shell"]), sorted(j["input"]))
             for j in dry_run_jobs(res.stdout)}
 
 
@@ -172,8 +171,9 @@ def _dvc_view(workdir: Path) -> dict:
     with Repo(str(workdir)) as repo:
         for stage in repo.index.stages:
             # the targets (table1, ...) have no outs; the settings stage is DVC's own (see docs/workflow.md)
+            # scores.json: an uncached DVC out of each run only (DVC's metrics are the report's, per table)
             outs = tuple(sorted(str(o.def_path) for o in stage.outs if not o.persist and not o.metric
-                                and not o.plot))
+                                and not o.plot and not str(o.def_path).endswith("/scores.json")))
             if not outs or stage.name == "signatures":
                 continue
             deps = sorted(str(d.def_path) for d in stage.deps if type(d).__name__ != "ParamsDependency"
@@ -324,7 +324,8 @@ def test_slurm_profile_is_found_at_the_root():
     assert profile["slurm-requeue"] is True and profile["retries"] >= 1
     assert "slurm_partition" not in profile["default-resources"]  # the user sets it (one place)
     default = yaml.safe_load((ROOT / "profiles/default/config.v8+.yaml").read_text())
-    assert default["rerun-triggers"] == ["software-env"]  # the rerun rule is mpvg's (docs/workflow.md)
+    # the rerun rule in Snakemake's terms: params sig, no input/mtime triggers, the workflow's own lock
+    assert default["rerun-triggers"] == ["params", "software-env"] and default["nolock"] is True
 
 
 def test_conda_env_pins_match_the_lock():

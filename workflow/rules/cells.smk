@@ -6,7 +6,7 @@
 # checkpoint.pt is deliberately not a declared output: Snakemake deletes a job's outputs
 # before it (re)runs it, which would throw away the state a preempted run resumes from.
 # result.json (written last) marks a finished run. Which jobs run is the rerun rule of
-# common.smk (mpvg.workflow.state): inputs are ancient(), plus a trigger for a job that must run.
+# common.smk (mpvg.workflow.state): the real inputs, and `sig` for Snakemake's params trigger.
 # `exec` makes the job's process a direct child of Snakemake (it stops when Snakemake dies).
 
 for _stage in wf.CELL_STAGES:
@@ -22,6 +22,7 @@ for _stage in wf.CELL_STAGES:
             f"{RUNS}/{_stage}/{{cell}}/seed{{seed}}/{wf.JOB_LOG}",
         params:
             cmd=command(_stage),
+            sig=job_sig(_stage),
         threads: planned(_stage, lambda job: job.resources["threads"])
         resources:
             **{name: planned(_stage, lambda job, name=name: job.resources[name]) for name in RESOURCES},

@@ -28,9 +28,6 @@ REPORTS = P["paths"]["reports"]
 COMMON = " ".join(shlex.quote(a) for a in wf.common_args(PARAMS_FILE, OVERRIDES))
 # The main Snakemake plans; the per-job Snakemake that SLURM starts (remote mode) only runs its job.
 PLANNING = workflow.exec_mode == ExecMode.DEFAULT
-DRY_RUN = any(a in ("-n", "--dry-run", "--dryrun", "--dry_run") or
-              (a.startswith("-") and not a.startswith("--") and a[1:].isalpha() and "n" in a[1:])
-              for a in sys.argv[1:])
 
 # Jobs run `mpvg` from the environment Snakemake runs in (also when it was started as
 # .venv/bin/snakemake without activating the venv).
@@ -53,19 +50,20 @@ wildcard_constraints:
 
 # ------------------------------------------------------------------------------ the rerun rule
 # mpvg.workflow.state decides which jobs must run (output missing, run signature changed, or a job
-# it depends on reruns; file times never matter). Snakemake is told through its own semantics:
-# every input is ancient(), a job that must run gets one more input, a trigger file written now
-# (newer than its output), and a job that is current gets no inputs at all, so nothing can make
-# Snakemake rerun it. docs/workflow.md, "The rerun rule".
-STATES = wf_state.job_states(P, list(JOBS.values())) if PLANNING else {}
-TRIGGERS = {}
+# it depends on reruns; file times never matter). Snakemake holds the whole DAG (every job has its
+# real inputs) and is told the rule in its own terms (docs/workflow.md, "The rerun rule in
+# Snakemake's terms"): each job's `params: sig` is the digest of what decides its output (the params
+# rerun trigger, `--list-changes params`); where Snakemake keeps no record (a fresh clone, outputs
+# restored by `dvc checkout`), the run signature in result.json is the witness: the main Snakemake
+# sets aside an output that is not current (a missing output reruns the job and everything
+# downstream) and stamps current outputs no older than their inputs (as `snakemake --touch` does).
+PRODUCER = {out: job for job in JOBS.values() for out in job.outs}
+SIG = wf_state.settings_digests(P, list(JOBS.values()))
 if PLANNING:
-    for key, st in STATES.items():
-        job = JOBS[key]
-        if st.needs_run and not job.target:
-            TRIGGERS[key] = wf.trigger_path(P, job)
-            Path(TRIGGERS[key]).parent.mkdir(parents=True, exist_ok=True)
-            Path(TRIGGERS[key]).write_text(f"{st.status}: " + "; ".join(st.reasons) + "\n")
+    STATES = wf_state.job_states(P, list(JOBS.values()))
+    for line in wf_state.set_aside_not_current(list(JOBS.values()), STATES):
+        print(f"mpvg: set aside (not current): {line}", file=sys.stderr)
+    wf_state.stamp_current(list(JOBS.values()), STATES)
     must = sum(st.needs_run for st in STATES.values())
     if must:
         print(f"mpvg: {must} of {len(STATES)} jobs must run (the others are current; `mpvg status` lists them):",
@@ -74,73 +72,83 @@ if PLANNING:
             print(f"  {line}", file=sys.stderr)
 
 
-PRODUCER = {out: key for key, job in JOBS.items() for out in job.outs}
-
-
-def clear_incomplete_markers():
-    """Snakemake marks a job's outputs incomplete when it starts the job and unmarks them when it
-    sees the job end; an interrupted Snakemake leaves the marks. mpvg's outputs need none: a
-    result.json is written last and atomically, so one that exists is complete (the rerun rule
-    above says whether it is current), and a job whose output is not current runs anyway. Left
-    in place, the marks make Snakemake stop (IncompleteFilesException) or, with
-    --rerun-incomplete, run only those jobs and skip the rest of the DAG as if it were done.
-    (Snakemake 9's file persistence: .snakemake/incomplete/<urlsafe base64 of the path>.)"""
-    import base64
-
-    folder = Path(".snakemake/incomplete")
-    if not folder.is_dir():
-        return
-    for job in JOBS.values():
-        for out in job.outs:
-            marker = folder / base64.urlsafe_b64encode(out.encode()).decode()
-            if Path(out).exists() and marker.is_file():
-                marker.unlink()
-
-
-if PLANNING:
-    clear_incomplete_markers()
-
-
 def job_inputs(job):
-    """What Snakemake sees as the job's inputs (see "the rerun rule" above): nothing for a current
-    job; for a job that must run, its trigger, the outputs of jobs that must run too (plain, so
-    Snakemake orders and propagates), and ancient() outputs of current jobs."""
-    if not PLANNING or job.target:
-        return [ancient(d) if PRODUCER.get(d) not in TRIGGERS else d for d in job.deps]
-    if (job.rule, job.key) not in TRIGGERS:
-        return []
-    return [d if PRODUCER.get(d) in TRIGGERS else ancient(d) for d in job.deps] + [TRIGGERS[(job.rule, job.key)]]
+    """The job's real inputs: the results of the runs it reads (plain: a rerun upstream reruns it)
+    and the datasets and folders it reads (ancient(): data_tiny remakes the same data, whose
+    contents enter each run's signature through the fingerprint)."""
+    plain = set(wf_state.plain_inputs(job, PRODUCER))
+    return [d if d in plain else ancient(d) for d in job.deps]
 
 
-# ------------------------------------------------------------------------------ start-up checks
-def stale_snakemake_lock():
-    """The exact command that removes a lock a killed Snakemake left (None when there is none, or
-    when another Snakemake really runs in this folder)."""
-    locks = Path(".snakemake/locks")
-    if not locks.is_dir() or not any(locks.iterdir()):
-        return None
-    here, me = os.getcwd(), {os.getpid(), os.getppid()}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) in me:
-            continue
-        try:
-            if os.readlink(proc / "cwd") == here and b"snakemake" in (proc / "cmdline").read_bytes():
-                return None  # a live Snakemake: its lock is real
-        except OSError:
-            continue
-    args = [a for a in sys.argv[1:]]
-    return "snakemake --unlock " + " ".join(shlex.quote(a) for a in args)
+def job_sig(rule):
+    """``params: sig``: the digest of what decides the job's output (mpvg.workflow.state.settings_digests)."""
+
+    def get(wildcards):
+        return SIG[(rule, job_of(rule, wildcards).key)]
+
+    return get
 
 
-if PLANNING and "--unlock" not in sys.argv:
-    _unlock = stale_snakemake_lock()
-    if _unlock and not DRY_RUN:
+# ------------------------------------------------------------------------------ snakemake --report
+# Every table, figure and the claims page is a report() output with its caption
+# (workflow/report/*.rst), one category per table of the paper.
+CAPTIONS = Path(workflow.basedir) / "workflow" / "report"
+
+
+def report_outputs(job):
+    """The job's outputs; those of `report` and `analyze` marked for `snakemake --report`."""
+    if job.rule == "analyze":
+        return [report(directory(out), patterns=["{name}.png"], caption=str(CAPTIONS / "figures.rst"),
+                       category="Figures") for out in job.outs]
+    if job.rule != "report":
+        return [directory(out) for out in job.outs] if job.directory_outs else job.outs
+    out = []
+    for path in job.outs:
+        stem = Path(path).stem
+        if stem.startswith(("table", "figure")) and stem != "tables":
+            category = f"{'Table' if stem.startswith('table') else 'Figure'} {stem.lstrip('tablefigure')}"
+            out.append(report(path, caption=str(CAPTIONS / f"{stem}.rst"), category=category))
+        else:
+            caption = {"tables": "tables.rst", "claims": "claims.rst", "README": "readme.rst"}[stem]
+            out.append(report(path, caption=str(CAPTIONS / caption),
+                              category={"claims": "Claims"}.get(stem, "All tables")))
+    return out
+
+
+# ------------------------------------------------------------------------------ one Snakemake at a time
+# Snakemake's own directory lock stays behind when Snakemake is killed and then refuses every run
+# until `--unlock`; the workflow profile turns it off (`nolock`) and the main Snakemake of a real
+# run holds this kernel lock instead (onstart): a second one stops naming the first, and a
+# killed one holds nothing.
+# our own file in Snakemake's working folder (nothing of Snakemake's is read): the checks before it write nothing
+WORKFLOW_LOCK = Path(".snakemake") / "mpvg-run.lock"
+_workflow_lock = None
+
+
+def take_workflow_lock():
+    import fcntl
+    import socket
+    import time
+
+    global _workflow_lock
+    WORKFLOW_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(WORKFLOW_LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
         raise WorkflowError(
-            "a Snakemake that was killed left its lock in .snakemake/locks (no other Snakemake runs here). "
-            f"Remove it with\n    {_unlock}\nthen run the same command again: finished runs are kept, "
-            "interrupted ones resume.")
-    if _unlock:
-        print(f"mpvg: a killed Snakemake left a lock; a real run needs `{_unlock}` first", file=sys.stderr)
+            f"another Snakemake runs this workflow in {os.getcwd()} ({holder}; lock {WORKFLOW_LOCK}). Wait for "
+            "it to finish, or stop it (Ctrl-C, or kill that pid), then run the same command again: finished "
+            "runs are kept and interrupted ones resume. Dry runs (-n) need no lock.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+    handle.flush()
+    _workflow_lock = handle  # held until this process exits, however it exits
 
 
 # Per-job resources (threads also go through the `threads:` directive for local runs; the SLURM
@@ -187,10 +195,14 @@ def executor_name():
     return getattr(plugin, "name", None) if plugin is not None else None
 
 
+# Rules that run in the main Snakemake, never on the cluster (the targets, `all`, `figures`).
+LOCAL_RULES = {"all", "figures", *(job.rule for job in JOBS.values() if job.target)}
+
+
 def jobs_without_partition():
     """Rules of the jobs about to run that have no ``slurm_partition`` resource."""
     return sorted({job.rule.name for job in workflow.dag.needrun_jobs()
-                   if job.rule.name not in workflow._localrules and not job.resources.get("slurm_partition")})
+                   if job.rule.name not in LOCAL_RULES and not job.resources.get("slurm_partition")})
 
 
 def runs_still_going():
@@ -208,9 +220,10 @@ def runs_still_going():
 
 
 onstart:
-    # Real runs only (not -n): stop before anything is submitted when an input dataset or the
+    # Real runs only (not -n): one Snakemake at a time (above); stop before anything is submitted when an input dataset or the
     # SLURM partition is missing, when a tiny plan would go to SLURM, or when a run folder is still
     # written by an earlier job; then create the MLflow store once for all jobs.
+    take_workflow_lock()
     slurm = executor_name() == "slurm"
     problems = preflight.problems(P, slurm_rules_without_partition=jobs_without_partition() if slurm else [])
     if slurm and P["scale"] == "tiny" and config.get("cluster") != "test":

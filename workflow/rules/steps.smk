@@ -11,11 +11,12 @@ for _job in [job for job in JOBS.values() if not job.key and not job.target]:
         input:
             job_inputs(_job),
         output:
-            [directory(out) for out in _job.outs] if _job.directory_outs else _job.outs,
+            report_outputs(_job),
         log:
             _job.log,
         params:
             cmd=wf.Opaque(_job.shell()),
+            sig=SIG.get((_job.rule, _job.key), ""),
         threads: _job.resources["threads"]
         resources:
             **snakemake_resources(_job),

@@ -164,6 +164,29 @@ def render_index(tables: list[Table], meta: dict, figures: tuple[list[dict], lis
     return "\n".join(lines) + "\n"
 
 
+METRICS_DIR = "metrics"
+
+
+def write_table_metrics(out: Path, cells: dict, results: dict[str, list[dict]]) -> list[Path]:
+    """``<out>/metrics/<table>.json`` per paper table and figure: ``{cell: {metric: mean over the
+    current seeds}}``, DVC's metrics of the report stage, so `dvc exp show` and `dvc metrics diff`
+    show each table's cells by name. A table without results yet is ``{}``."""
+    from mpvg.reporting.tables import TABLE_SPECS
+
+    written = []
+    for spec in TABLE_SPECS:
+        table: dict[str, dict[str, float]] = {}
+        for cell_id, cell in cells.items():
+            runs = results.get(cell_id) or []
+            if spec.key not in cell.tables or not runs:
+                continue
+            values = {m.key: [float(r["metrics"][m.key]) for r in runs if m.key in r.get("metrics", {})]
+                      for m in spec.metrics}
+            table[cell_id] = {k: round(sum(v) / len(v), 4) for k, v in values.items() if v}
+        written.append(_write(out / METRICS_DIR / f"{spec.name}.json", json.dumps(table, indent=2, sort_keys=True) + "\n"))
+    return written
+
+
 def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path | str, *,
                   commit: Optional[str] = None, params_path: str = "params.yaml",
                   paper_csv: Optional[Path] = None, only: Optional[list[str]] = None,
@@ -206,6 +229,7 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
         written.append(_write(out / f"{t.name}.tex", latex_comment(f"{notice}\n{FRAGMENT_NOTE}") + render_latex(t)))
     written.append(_write(out / "tables.tex", latex_document(tables, notice)))
     written.append(_write(out / "tables.md", render_markdown_page(tables, notice, heading="All tables")))
+    written += write_table_metrics(out, cells, results)
     if gpu_hours is None:
         gpu_hours = measured_gpu_hours(results)
     claim_files, (written.metrics, written.children) = write_claims(params, cells, results, out, stale=stale,

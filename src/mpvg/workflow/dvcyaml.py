@@ -3,8 +3,10 @@
 Per-cell stages are DVC 3 ``foreach`` groups named like the Snakemake rules, one item per
 cell and seed, so ``dvc repro train@in1k-deit_ti-mpvg-seed0`` runs one training job (and the
 stages it depends on). Checkpoints are ``persist: true`` outs: DVC keeps them when it reruns
-a stage, so an interrupted run resumes. Each run declares ``scores.json`` as its metrics and
-``history.json`` as its plots (``dvc metrics show/diff``, ``dvc plots show``, ``dvc exp show``).
+a stage, so an interrupted run resumes. Each run declares ``history.json`` as its plots
+(``dvc plots show``) and ``scores.json`` as an uncached out; DVC's metrics are the report's, one
+small file per table (``reports/metrics/table2.json``: ``{cell: {metric: mean}}``), so
+``dvc metrics show`` and ``dvc metrics diff`` show the tables' cells by name.
 Report files are ``cache: false``. The targets ``table1`` ... ``downstream`` are stages too
 (``dvc repro table2``): their runs' results as deps, no outs.
 
@@ -46,8 +48,8 @@ def _group(jobs: list[Job]) -> dict:
             # the run's settings file first: DVC reruns a run when its settings changed (the same
             # rule as Snakemake's), when its data or the run it starts from changed
             "deps": [f"${{item.dep{i}}}" for i in range(ndeps.pop() + 1)],
-            "outs": ["${item.result}", {"${item.checkpoint}": {"persist": True}}],
-            "metrics": [{"${item.scores}": {"cache": False}}],
+            # scores.json is an out, not a metric: the metrics are the report's, one file per table
+            "outs": ["${item.result}", {"${item.checkpoint}": {"persist": True}}, {"${item.scores}": {"cache": False}}],
             "plots": [{"${item.history}": {"cache": False, "x": "iter" if jobs[0].rule in ("detect", "segment")
                                            else "epoch"}}],
         },
@@ -62,6 +64,8 @@ def _single(job: Job, cache: bool) -> dict:
         stage["params"] = list(job.params)
     if job.outs:
         stage["outs"] = list(job.outs) if cache else [{out: {"cache": False}} for out in job.outs]
+    if job.metrics:
+        stage["metrics"] = [{m: {"cache": False}} for m in job.metrics]
     return stage
 
 

@@ -27,7 +27,8 @@ INIT_FLAG = {"finetune": "--init-from", "detect": "--pretrained", "segment": "--
 from mpvg.run.layout import CHECKPOINT, HISTORY, JOB_LOG, RESULT, SCORES  # noqa: E402  (the run folder's names, defined once)
 SETTINGS_DIR = ".signatures"  # under paths.runs: each run's settings, DVC's dependency (mpvg workflow signatures)
 # The report's files under paths.reports (mpvg.reporting writes them; docs/contracts.md).
-REPORT_FILES = ("tables.md", "README.md", "claims.md")
+REPORT_FILES = ("tables.md", "README.md", "claims.md", *(f"table{k}.md" for k in range(1, 7)), "figure1.md",
+                "figure5.md")
 # Targets a researcher asks for by name (`snakemake table2`, `dvc repro table2`): the runs of those
 # tables (and the runs they start from), then those tables re-rendered (`mpvg report --only ...`).
 TABLE_TARGETS = {"table1": ("T1",), "table2": ("T2",), "table3": ("T3",), "table4": ("T4",),
@@ -393,7 +394,8 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
     all_results = [j.outs[0] for j in jobs if j.cell]
     jobs.append(Job(rule="report", key="", args=["report", *common, "--runs", runs, "--out", reports],
                     deps=all_results + [f"{figures}"], outs=[f"{reports}/{name}" for name in REPORT_FILES],
-                    params=seed_keys, resources=dict(TINY), log=f"{logs}/report.log"))
+                    params=seed_keys, resources=dict(TINY), log=f"{logs}/report.log",
+                    metrics=[f"{reports}/metrics/{name}.json" for name in TABLE_TARGETS if name != "downstream"]))
     result_of = {j.cell: [] for j in jobs if j.cell}
     for j in jobs:
         if j.cell:
@@ -410,13 +412,6 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
 def targets(params: Mapping) -> list[str]:
     """What `snakemake` builds by default: the report (and so everything before it)."""
     return [f"{params['paths']['reports']}/{name}" for name in REPORT_FILES]
-
-
-def trigger_path(params: Mapping, job: Job) -> str:
-    """The file the Snakefile writes (now) for a job that must run, as a non-ancient input newer
-    than its output: Snakemake's own way of rerunning a job (docs/workflow.md, "The rerun rule").
-    Under .snakemake/, Snakemake's own state: a plan leaves the project's folders alone."""
-    return f".snakemake/mpvg-rerun/{job.stage_name}"
 
 
 class Opaque:

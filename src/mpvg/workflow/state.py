@@ -26,11 +26,16 @@ from pathlib import Path
 from typing import Mapping
 
 from mpvg.config import resolve_run
-from mpvg.run.layout import CHECKPOINT
+from mpvg.run.layout import CHECKPOINT, KEPT
 from mpvg.runinfo import read_json_object
 from mpvg.signature import aggregate_inputs, cell_inputs, differences, digest
 
 AGGREGATE_RECORD = {"analyze": "analysis.json", "report": "build.json"}
+# the run layer's second link to result.json: a run whose result.json is gone gets it back from
+# there when its settings are those of the kept result
+KEPT_NAME = KEPT
+# where a plan sets aside an output of analyze / report that is not current (see set_aside_not_current)
+STALE_SUFFIX = ".stale"
 
 
 @dataclass
@@ -46,6 +51,7 @@ class JobState:
     recorded: str | None = None             # what its record says now
     needs_run: bool = False
     checkpoint_missing: bool = False
+    checkpoint_needed: bool = False         # current, but a job that reads its checkpoint.pt must run
 
     @property
     def name(self) -> str:
@@ -69,7 +75,12 @@ def record_path(job) -> Path:
 
 
 def aggregate_settings(params: Mapping, rule: str) -> dict:
-    return {"scale": params["scale"], "seeds": list(params["seeds"])} if rule == "report" else {"scale": params["scale"]}
+    if rule != "report":
+        return {"scale": params["scale"]}
+    settings = {"scale": params["scale"], "seeds": list(params["seeds"])}
+    if params.get("seeds_per_cell"):  # only when set, so the report of a DAG without it keeps its signature
+        settings["seeds_per_cell"] = {k: list(v) for k, v in params["seeds_per_cell"].items()}
+    return settings
 
 
 def parents_of(job, jobs_by_out: Mapping[str, object]) -> list:
@@ -105,6 +116,14 @@ def _cell_state(params: Mapping, job, parent_states: list[JobState]) -> JobState
     out = Path(job.outs[0])
     ckpt_missing = not (out.parent / CHECKPOINT).exists()
     record = read_json_object(out) if out.exists() else None
+    kept = out.parent / KEPT_NAME
+    if not out.exists() and kept.exists():
+        # set aside by a plan (set_aside_not_current) or deleted by Snakemake/DVC before a rerun
+        was = read_json_object(kept)
+        diffs = differences(was.get("signature_inputs"), inputs) if was is not None else []
+        if diffs:
+            return JobState(job.rule, job.key, "stale", [f"result.json set aside: {d}" for d in diffs], sig,
+                            was.get("signature"), checkpoint_missing=ckpt_missing)
     if record is None:
         if (out.parent / CHECKPOINT).exists():
             return JobState(job.rule, job.key, "unfinished", ["no result.json yet (interrupted; it resumes)"], sig,
@@ -172,7 +191,7 @@ def _close_over_dependents(jobs: list, states: dict, by_out: Mapping[str, object
             elif st.checkpoint_missing and job.cell and any(
                     states[(c.rule, c.key)].needs_run and (c.rule, c.key) in readers
                     for c in children.get((job.rule, job.key), [])):
-                st.needs_run, changed = True, True
+                st.needs_run, st.checkpoint_needed, changed = True, True, True
                 st.reasons.append("checkpoint.pt is gone and a job that reads it reruns")
 
 
@@ -220,19 +239,116 @@ def seen_record(params: Mapping, rule: str, runs: str | Path | None = None) -> d
 def run_settings(params: Mapping, jobs: list) -> dict[str, dict]:
     """``{settings file: settings}`` of every run of the plan: its signature inputs without the
     dataset's contents (DVC hashes the dataset itself) and with the start point's settings digest
-    as ``init``. ``mpvg workflow signatures`` writes them; each DVC stage depends on its own file,
-    so DVC reruns exactly the runs whose settings changed, as Snakemake does."""
-    from mpvg.signature import cell_inputs, digest
-
+    as ``init`` (:func:`settings_digests`). ``mpvg workflow signatures`` writes them; each DVC stage
+    depends on its own file, so DVC reruns exactly the runs whose settings changed, as Snakemake does."""
     by_out = {out: job for job in jobs for out in job.outs}
-    digests: dict[tuple, str] = {}
+    digests = settings_digests(params, [j for j in jobs if j.cell])
     out: dict[str, dict] = {}
     for job in jobs:
-        if not job.cell:
-            continue
-        parents = [p for p in parents_of(job, by_out) if p.cell]
-        init = digests[(parents[0].rule, parents[0].key)] if parents else None
-        settings = cell_inputs(resolve_run(params, job.cell), job.seed, init, fingerprint=False)
-        digests[(job.rule, job.key)] = digest(settings)
-        out[job.settings] = settings
+        if job.cell:
+            parents = [p for p in parents_of(job, by_out) if p.cell]
+            init = digests[(parents[0].rule, parents[0].key)] if parents else None
+            out[job.settings] = cell_inputs(resolve_run(params, job.cell), job.seed, init, fingerprint=False)
     return out
+
+
+# ------------------------------------------------------------------------------ Snakemake's view
+# The rule above, said in Snakemake's own terms (docs/workflow.md, "The rerun rule in Snakemake's
+# terms"): every job has its real inputs; a run's inputs from other runs are plain (a rerun
+# upstream reruns it, also under -R/--forcerun), its dataset is ancient() (data_tiny regenerates
+# the same data; the fingerprint in the signature is the witness of what is in it). Then the plan
+# makes the files agree with the rule before Snakemake looks at them: an output that is not
+# current is set aside (a missing output: Snakemake reruns the job and everything downstream),
+# and a current output is made no older than its inputs (what `snakemake --touch` does), so
+# Snakemake's modification-time comparison, which it makes whatever its rerun triggers say,
+# cannot disagree with the rule.
+
+
+def plain_inputs(job, by_out: Mapping[str, object]) -> list[str]:
+    """The inputs of ``job`` whose change reruns it in Snakemake: the results of the runs it reads."""
+    return [d for d in job.deps if d in by_out and getattr(by_out[d], "cell", None)]
+
+
+def settings_digests(params: Mapping, jobs: list) -> dict[tuple[str, str], str]:
+    """``{(rule, key): digest}``: what decides each job's output, from params alone (no dataset is
+    read, so every host computes the same): a run's settings (with the settings digest of the run
+    it starts from); ``analyze`` / ``report``: their settings and the digests of the runs they read.
+    The Snakefile gives it to every job as ``params: sig=...`` (Snakemake's params rerun trigger,
+    ``--list-changes params``)."""
+    by_out = {out: job for job in jobs for out in job.outs}
+    out: dict[tuple[str, str], str] = {}
+    for job in jobs:
+        if job.cell:
+            parents = [p for p in parents_of(job, by_out) if p.cell]
+            init = out[(parents[0].rule, parents[0].key)] if parents else None
+            out[(job.rule, job.key)] = digest(cell_inputs(resolve_run(params, job.cell), job.seed, init,
+                                                          fingerprint=False))
+        elif job.rule in AGGREGATE_RECORD:
+            runs = {p.key: out[(p.rule, p.key)] for p in parents_of(job, by_out) if p.cell}
+            out[(job.rule, job.key)] = digest(aggregate_inputs(job.rule, aggregate_settings(params, job.rule), runs))
+    return out
+
+
+def set_aside_not_current(jobs: list, states: Mapping[tuple, JobState]) -> list[str]:
+    """Make the output of every job that must run (:func:`job_states`) a missing output, without
+    losing it: a run's result.json becomes its kept copy ``.result.kept.json`` (the run then sets its
+    old state aside in ``previous/<time>/``, or puts the result back when its settings are those of
+    the kept result); an unreadable one becomes ``result.unreadable.json``; an output of ``analyze``
+    / ``report`` becomes ``<output>.stale``. Snakemake then reruns exactly these jobs when a target
+    needs them: it remakes a missing output that a job it runs reads, but not an intermediate one
+    whose readers are current. Returns one line per output set aside."""
+    import os
+    import shutil
+
+    moved: list[str] = []
+    for job in jobs:
+        if job.target or not states[(job.rule, job.key)].needs_run:
+            continue
+        if job.cell:
+            out = Path(job.outs[0])
+            if out.exists():
+                dest = out.parent / (KEPT_NAME if read_json_object(out) is not None else "result.unreadable.json")
+                os.replace(out, dest)
+                moved.append(f"{out} -> {dest.name}")
+        elif job.rule in AGGREGATE_RECORD:
+            for out in map(Path, job.outs):
+                if out.exists():
+                    dest = out.with_name(out.name + STALE_SUFFIX)
+                    if dest.is_dir():
+                        shutil.rmtree(dest)
+                    os.replace(out, dest)
+                    moved.append(f"{out} -> {dest.name}")
+    return moved
+
+
+def _mtime(path: Path) -> float:
+    """The modification time Snakemake compares for ``path`` (a folder output carries it in its
+    ``.snakemake_timestamp`` once Snakemake has made it)."""
+    stamp = path / ".snakemake_timestamp"
+    return (stamp if path.is_dir() and stamp.exists() else path).stat().st_mtime
+
+
+def stamp_current(jobs: list, states: Mapping[tuple, JobState]) -> int:
+    """Make each current output no older than its plain inputs (parents first), as `snakemake
+    --touch` would; returns how many outputs were stamped. File times never decide anything here:
+    the rule has already said these outputs are current."""
+    import os
+
+    by_out = {out: job for job in jobs for out in job.outs}
+    stamped = 0
+    for job in jobs:
+        if job.target or not job.outs or states[(job.rule, job.key)].needs_run:
+            continue
+        inputs = [Path(d) for d in plain_inputs(job, by_out) if Path(d).exists()]
+        outs = [Path(o) for o in job.outs if Path(o).exists()]
+        if not inputs or len(outs) != len(job.outs):
+            continue
+        newest = max(_mtime(p) for p in inputs)
+        if min(_mtime(o) for o in outs) >= newest:
+            continue
+        for out in outs:
+            stamp = out / ".snakemake_timestamp"
+            for path in ([out, stamp] if out.is_dir() and stamp.exists() else [out]):
+                os.utime(path, (newest, newest))
+        stamped += 1
+    return stamped
