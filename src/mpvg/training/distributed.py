@@ -78,6 +78,8 @@ def setup(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     env = os.environ
+    if "OMP_NUM_THREADS" not in env and env.get("SLURM_CPUS_PER_TASK") and "SLURM_PROCID" in env and world_size > 1:
+        torch.set_num_threads(int(env["SLURM_CPUS_PER_TASK"]))  # an srun task: its own CPUs, not the node's
     where = f", rendezvous {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}" if world_size > 1 else ""
     print(f"mpvg: process rank {rank} of {world_size} (local rank {local_rank}) on node "
           f"{env.get('SLURMD_NODENAME') or os.uname().nodename}, CUDA_VISIBLE_DEVICES="

@@ -133,6 +133,9 @@ def free_port() -> int:
 
 def worker_env(rank: int, world: int, port: int, base: dict | None = None, device: str | None = None) -> dict:
     env = dict(os.environ if base is None else base)
+    if "OMP_NUM_THREADS" not in env:  # the task's CPUs shared by its workers (torchrun sets 1)
+        cpus = int(env.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cpus // world))
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device  # this worker's GPU only: it is cuda:0 in the process
     env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

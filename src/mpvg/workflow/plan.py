@@ -88,6 +88,8 @@ MIN_RUNTIME_MIN = 30
 # checkpoint.pt when Snakemake resubmits it (`retries` in the slurm profile).
 MAX_RUNTIME_MIN = 48 * 60
 TINY = {"gpu": 0, "nodes": 1, "threads": 1, "cpus_per_task": 1, "mem_mb": 3000, "runtime": 30}
+# A tiny-scale process of a multi-process job (config job_gpus): one CPU, this much memory.
+TINY_MEM_MB_PER_PROCESS = 1000
 
 
 def train_images(params: Mapping, dataset: str) -> int:
@@ -204,7 +206,7 @@ def cell_resources(params: Mapping, cell: Cell, node: NodeShape | None = None, j
     if params["scale"] not in ("paper", "budget"):
         if not job_gpus:
             return dict(TINY)
-        return {**placement(job_gpus, TINY["threads"], TINY["mem_mb"], node, what), "runtime": TINY["runtime"]}
+        return {**placement(job_gpus, TINY["threads"], TINY_MEM_MB_PER_PROCESS, node, what), "runtime": TINY["runtime"]}
     gpus = int(job_gpus) or gpus_for(cell, params["scale"])
     hours = paper_gpu_hours(params, cell) / gpus * RUNTIME_SAFETY
     return {**placement(gpus, CPUS_PER_GPU, MEM_MB_PER_GPU, node, what),
