@@ -127,7 +127,7 @@ ReturnToService=2
 MpiDefault=none
 MailProg=/bin/true
 MinJobAge=300
-KillWait=10
+KillWait=30
 EOF
     printf '%s\nAutoDetect=off\n' "$MARK" >"$GRESCONF"
     i=0

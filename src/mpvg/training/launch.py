@@ -133,9 +133,11 @@ def free_port() -> int:
 
 def worker_env(rank: int, world: int, port: int, base: dict | None = None, device: str | None = None) -> dict:
     env = dict(os.environ if base is None else base)
-    if "OMP_NUM_THREADS" not in env:  # the task's CPUs shared by its workers (torchrun sets 1)
-        cpus = int(env.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cpus // world))
+    # the job's threads (Snakemake's OMP_NUM_THREADS = the rule's threads, else the SLURM task's
+    # CPUs, else the machine's) shared by its workers: N workers with the job's count each would
+    # oversubscribe the CPUs N times (measured: a 4-process tiny job 20x slower)
+    total = env.get("OMP_NUM_THREADS") or env.get("SLURM_CPUS_PER_TASK") or str(os.cpu_count() or 1)
+    env["OMP_NUM_THREADS"] = str(max(1, int(total) // world)) if total.isdigit() else "1"
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device  # this worker's GPU only: it is cuda:0 in the process
     env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
