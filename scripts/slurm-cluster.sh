@@ -122,6 +122,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=500
+AccountingStorageTRES=gres/gpu
 GresTypes=gpu
 ReturnToService=2
 MpiDefault=none

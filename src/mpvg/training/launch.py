@@ -46,6 +46,8 @@ GPU_COUNT_ENV = "MPVG_GPUS"
 LOCK_DIR_ENV = "MPVG_GPU_LOCK_DIR"
 DEFAULT_LOCK_DIR = "/tmp/mpvg-gpu-locks"
 WAIT_REPORT_S = 60.0
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+                    "NUMEXPR_NUM_THREADS")
 
 
 def machine_gpus() -> int:
@@ -135,9 +137,13 @@ def worker_env(rank: int, world: int, port: int, base: dict | None = None, devic
     env = dict(os.environ if base is None else base)
     # the job's threads (Snakemake's OMP_NUM_THREADS = the rule's threads, else the SLURM task's
     # CPUs, else the machine's) shared by its workers: N workers with the job's count each would
-    # oversubscribe the CPUs N times (measured: a 4-process tiny job 20x slower)
+    # oversubscribe the CPUs N times (measured on the test cluster: a 4-process tiny DeiT-S epoch took 14-23 s with
+    # MKL_NUM_THREADS=2 per worker, 1.4-2.5 s with 1). Snakemake sets the
+    # BLAS libraries' variables too; torch's thread pool follows MKL_NUM_THREADS as well.
     total = env.get("OMP_NUM_THREADS") or env.get("SLURM_CPUS_PER_TASK") or str(os.cpu_count() or 1)
-    env["OMP_NUM_THREADS"] = str(max(1, int(total) // world)) if total.isdigit() else "1"
+    per_worker = str(max(1, int(total) // world)) if total.isdigit() else "1"
+    for name in THREAD_VARIABLES:
+        env[name] = per_worker
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device  # this worker's GPU only: it is cuda:0 in the process
     env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
