@@ -188,51 +188,60 @@ def placements(job_log: str) -> list[tuple]:
     return [(int(r), int(w), int(lr), node, cvd, dev) for r, w, lr, node, cvd, dev in PLACEMENT.findall(job_log)]
 
 
-@pytest.fixture(scope="module")
-def gpu_runs(slurm_cluster, tmp_path_factory):
-    """Each geometry's job through `snakemake --profile slurm` (started together, SLURM queues them),
-    and the one-process run of the same global batch: {name: (workdir, snakemake output)}, reference."""
-    import time
+class GpuRuns:
+    """Each geometry's job through `snakemake --profile slurm`, run when a test first asks for it,
+    and the one-process run of the same global batch (``reference``)."""
 
-    from mpvg.data.tiny import make_tiny
+    def __init__(self, base: Path):
+        from mpvg.data.tiny import make_tiny
 
-    base = tmp_path_factory.mktemp("gpu")
-    data = base / "tiny"
-    make_tiny(data, "imagenet")
-    runs, procs = {}, {}
-    start = time.monotonic()
-    try:
-        for name in GEOMETRIES:
-            runs[name] = gpu_workdir(base / name, data)
-            procs[name] = start_snakemake(runs[name], *gpu_args(name))
-        ref = base / "reference"
-        res = subprocess.run(["mpvg", "train", "--params", str(runs["1x1"] / "params.yaml"), "--cell", GPU_CELL,
-                              "--seed", "0", "--out", str(ref), "--no-tracking", "--device", "cpu"],
+        self.base, self.data, self.done = base, base / "tiny", {}
+        make_tiny(self.data, "imagenet")
+        params = gpu_workdir(base / "params", self.data) / "params.yaml"
+        self.reference = base / "reference"
+        res = subprocess.run(["mpvg", "train", "--params", str(params), "--cell", GPU_CELL, "--seed", "0",
+                              "--out", str(self.reference), "--no-tracking", "--device", "cpu"],
                              env=tool_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stdout + res.stderr
-        outputs = {name: finish(proc, 900) for name, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:  # SIGINT: Snakemake scancels its jobs
-                proc.send_signal(signal.SIGINT)
-                proc.communicate(timeout=60)
-    print(f"GPU placement jobs (3 geometries at once): {time.monotonic() - start:.0f} s")
-    return {name: (runs[name], outputs[name], procs[name].returncode) for name in GEOMETRIES}, ref
+
+    def __call__(self, geometry: str) -> tuple[Path, str, int]:
+        """(workdir, Snakemake's output, its exit code) of the uninterrupted job of ``geometry``."""
+        import time
+
+        if geometry not in self.done:
+            workdir = gpu_workdir(self.base / geometry, self.data)
+            start = time.monotonic()
+            proc = start_snakemake(workdir, *gpu_args(geometry))
+            try:
+                out = finish(proc, 900)
+            finally:
+                if proc.poll() is None:  # SIGINT: Snakemake scancels its jobs
+                    proc.send_signal(signal.SIGINT)
+                    proc.communicate(timeout=60)
+            print(f"GPU job {geometry} through snakemake --profile slurm: {time.monotonic() - start:.0f} s")
+            self.done[geometry] = (workdir, out, proc.returncode)
+        return self.done[geometry]
+
+
+@pytest.fixture(scope="module")
+def gpu_runs(slurm_cluster, tmp_path_factory):
+    return GpuRuns(tmp_path_factory.mktemp("gpu"))
 
 
 def job_ids_of(log: str) -> list[str]:
     return slurm_job_ids(log)
 
 
-@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("geometry", ["1x4", pytest.param("2x2", marks=pytest.mark.slow),
+                                      pytest.param("1x1", marks=pytest.mark.slow)])
 def test_gpu_job_runs_one_process_per_gpu_bound_to_its_own_device(gpu_runs, geometry):
     """The job asks SLURM for its GPUs over its nodes; it runs exactly N processes, each on a distinct
     (node, GPU) that SLURM allocated to it, in one group of world size N, and ends with the result of
     the one-process run of the same global batch."""
     from test_training import assert_same_weights, weights
 
-    runs, ref = gpu_runs
-    workdir, log, code = runs[geometry]
+    workdir, log, code = gpu_runs(geometry)
+    ref = gpu_runs.reference
     gpus, _, nodes, per_node = GEOMETRIES[geometry]
     assert code == 0, log[-4000:]
     run_dir = workdir / GPU_TARGET.rsplit("/", 1)[0]
@@ -261,7 +270,7 @@ def test_gpu_job_runs_one_process_per_gpu_bound_to_its_own_device(gpu_runs, geom
     assert result["metrics"]["loss"] == pytest.approx(ref_result["metrics"]["loss"], abs=1e-4)
     if geometry == "2x2":  # the same 4 ranks, over 2 nodes or on 1: the same reductions, the same bits
         assert_same_weights(weights(run_dir / "checkpoint.pt"),
-                            weights(runs["1x4"][0] / GPU_TARGET.rsplit("/", 1)[0] / "checkpoint.pt"))
+                            weights(gpu_runs("1x4")[0] / GPU_TARGET.rsplit("/", 1)[0] / "checkpoint.pt"))
 
 
 # --------------------------------------------------------------------------- GPU jobs: preemption
@@ -273,7 +282,8 @@ def squeue_job_of(cell: str) -> str:
     return ids[0]
 
 
-@pytest.mark.parametrize("geometry", ["1x4", pytest.param("2x2", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("geometry", ["1x4", "2x2"])
 @pytest.mark.parametrize("how", ["time limit", "requeue"])
 def test_preempted_gpu_job_comes_back_and_ends_bit_exact(gpu_runs, tmp_path, geometry, how):
     """Mid-run, what a time limit sends (`--signal=TERM@300`: TERM to the job's steps, which
@@ -287,11 +297,10 @@ def test_preempted_gpu_job_comes_back_and_ends_bit_exact(gpu_runs, tmp_path, geo
 
     from test_training import assert_same_weights, weights
 
-    runs, _ = gpu_runs
-    reference = runs[geometry][0] / GPU_TARGET.rsplit("/", 1)[0]
+    reference = gpu_runs(geometry)[0] / GPU_TARGET.rsplit("/", 1)[0]
     assert (reference / "result.json").is_file(), "the uninterrupted run of this geometry failed"
     gpus = GEOMETRIES[geometry][0]
-    work = gpu_workdir(tmp_path / "work", runs[geometry][0].parent / "tiny")
+    work = gpu_workdir(tmp_path / "work", gpu_runs.data)
     run_dir = work / GPU_TARGET.rsplit("/", 1)[0]
     proc = start_snakemake(work, "--retries", "1", *gpu_args(geometry))
     try:
