@@ -62,7 +62,8 @@ test-slow: env
 gpu-check: env
 	python benchmarks/gpu_check.py --out bench_out/gpu_check $(GPU_CHECK_ARGS)
 
-# A one-node SLURM cluster on this machine (root, Debian): for trying `--profile slurm`.
+# A test SLURM cluster on this machine (root, Debian): two nodes of 4 stand-in GPUs each, for
+# trying `--profile slurm` (scripts/slurm-cluster.sh says how to change the shape).
 slurm-up:
 	scripts/slurm-cluster.sh up
 

@@ -92,12 +92,12 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """Start the one-node cluster (scripts/slurm-cluster.sh) once per session (installing it with apt-get if needed); stop it afterwards
+    """Start the test cluster (scripts/slurm-cluster.sh: two nodes of 4 stand-in GPUs) once per session (installing it with apt-get if needed); stop it afterwards
     unless it was already running."""
     if os.geteuid() != 0:
         pytest.skip("the one-node SLURM cluster needs root (CI runs as root)")
     status = subprocess.run([str(SLURM_SCRIPT), "status"], capture_output=True, text=True)
-    was_up = "slurmctld running" in status.stdout and "slurmd running" in status.stdout
+    was_up = "slurmctld running" in status.stdout and "slurmd-n1 running" in status.stdout
     up = subprocess.run([str(SLURM_SCRIPT), "up"], capture_output=True, text=True, timeout=900)
     assert up.returncode == 0, up.stdout + up.stderr
     yield

@@ -55,23 +55,12 @@ def write_params(workdir: Path, edit) -> None:
     (workdir / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-FAKE_SLURM = """#!/bin/sh
-echo "$(basename "$0") $*" >> "{log}"
-exit 1
-"""
-
-
-def fake_slurm(tmp_path: Path) -> tuple[dict, Path]:
-    """PATH with sbatch/squeue/sacct/... that only record their calls (and fail)."""
-    fake, log = tmp_path / "fakebin", tmp_path / "slurm-calls.log"
-    fake.mkdir()
-    log.write_text("")
-    for name in ("sbatch", "squeue", "sacct", "sinfo", "scontrol", "sacctmgr", "sshare", "scancel", "srun"):
-        (fake / name).write_text(FAKE_SLURM.format(log=log))
-        (fake / name).chmod(0o755)
-    env = tool_env()
-    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
-    return env, log
+def submitted_jobs() -> list[str]:
+    """Every job the test cluster's accounting knows (pending ones included): a command that must
+    not submit anything leaves this list as it was."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-a", "-S", "2000-01-01", "-o", "JobIDRaw"], capture_output=True,
+                         text=True, check=True).stdout
+    return out.split()
 
 
 # --------------------------------------------------------------------------- the plan
@@ -130,14 +119,19 @@ def test_cost_table_sums_the_recipes():
 @pytest.mark.slurm
 def test_slurm_profile_dry_run_plans_paper_scale_fast(slurm_cluster, workdir):
     """`snakemake -n --profile slurm` at the root: paper scale, every cell with its resources,
-    datasets absent, in under 5 seconds. On a cluster (here the one-node one): the SLURM plugin
+    datasets absent, within 5 s of a local tiny-scale plan timed in the same test. On a cluster (here the test cluster): the SLURM plugin
     asks `scontrol show config` at start, which waits ~10 s when SLURM is installed but down."""
     assert not (workdir / "data").exists()
+    start = time.monotonic()
+    base = snakemake(workdir, "-n")  # the baseline, now, on this machine: the tiny plan, local executor
+    baseline = time.monotonic() - start
+    assert base.returncode == 0, base.stdout[-3000:]
     start = time.monotonic()
     res = snakemake(workdir, "-n", "--profile", "slurm")
     elapsed = time.monotonic() - start
     assert res.returncode == 0, res.stdout[-3000:]
-    assert elapsed < 5.0, f"dry run took {elapsed:.1f} s"
+    # the plugin's start-up probes answer at once (a SLURM that does not answer costs ~9 s more)
+    assert elapsed < baseline + 5.0, f"dry run took {elapsed:.1f} s, the local tiny plan {baseline:.1f} s"
     jobs = dry_run_jobs(res.stdout)
     paper = load_params(PARAMS, ["scale=paper"])
     cells = expand_cells(paper)
@@ -150,6 +144,56 @@ def test_slurm_profile_dry_run_plans_paper_scale_fast(slurm_cluster, workdir):
             assert int(job["resources"]["mem_mb"]) >= 48000 and int(job["resources"]["cpus_per_task"]) >= 8
     deit_b = next(j for j in jobs if "--cell in1k-deit_b-mpvg " in j["shell"])
     assert deit_b["resources"]["gpu"] == "8" and deit_b["shell"].startswith("exec mpvg launch --nproc-per-node 8 train ")
+
+
+@pytest.mark.slurm
+def test_slurm_dry_run_on_four_gpu_nodes_plans_deit_b_over_two_nodes(slurm_cluster, workdir):
+    """The node shape (node_gpus/cpus/mem_mb of the profile's configfile) set to 4-GPU nodes of 64
+    CPUs: DeiT-B's 8 GPUs become 2 nodes x 4 GPUs, one srun task per GPU with 12 CPUs each (48 of a
+    node's 64), memory per node; 4-GPU jobs stay on one node under `mpvg launch`."""
+    res = snakemake(workdir, "-n", "--profile", "slurm", "--config", "node_gpus=4", "node_cpus=64",
+                    "node_mem_mb=500000")
+    assert res.returncode == 0, res.stdout[-3000:]
+    jobs = [j for j in dry_run_jobs(res.stdout) if j["rule"] in wf.CELL_STAGES]
+    deit_b = [j for j in jobs if "--cell in1k-deit_b-" in j["shell"]]
+    assert len(deit_b) == 4 * len(load_params(PARAMS, ["scale=paper"])["seeds"])  # 4 methods
+    for job in deit_b:
+        res_ = job["resources"]
+        assert (res_["gpu"], res_["nodes"], res_["tasks_per_node"], res_["gres"], res_["mpi"], res_["cpus_per_task"],
+                res_["mem_mb"]) == ("8", "2", "4", "gpu:4", "srun", "12", "192000"), res_
+        assert job["shell"].startswith("exec srun --nodes=2 --ntasks-per-node=4 --gpus-per-task=1 --cpus-per-task=12 "
+                                       "--wait=60 mpvg train "), job["shell"]
+    deit_ti = next(j for j in jobs if "--cell in1k-deit_ti-mpvg " in j["shell"])
+    assert (deit_ti["resources"]["nodes"], deit_ti["resources"]["cpus_per_task"]) == ("1", "48")
+    assert "mpi" not in deit_ti["resources"] and deit_ti["shell"].startswith("exec mpvg launch --nproc-per-node 4 train ")
+    # a shape a job cannot be spread over evenly is an error naming the job, before anything runs
+    bad = snakemake(workdir, "-n", "--profile", "slurm", "--config", "node_gpus=3", "node_cpus=64", "node_mem_mb=500000")
+    assert bad.returncode != 0
+    assert "cannot place the jobs: train@in1k-deit_b-default: 8 GPUs cannot be spread evenly over 3 nodes of 3 GPUs" \
+        in bad.stdout, bad.stdout[-2000:]
+
+
+def test_plan_places_jobs_on_nodes():
+    """`mpvg workflow plan --node` shows each job as nodes x GPUs; the placement rules."""
+    paper = load_params(PARAMS, ["scale=paper"])
+    jobs = {j.key: j for j in wf.build_plan(paper, node=wf.NodeShape(4, 64, 500_000)) if j.cell}
+    assert wf.geometry(jobs["in1k-deit_b-mpvg-seed0"].resources) == "2 nodes x 4 GPUs"
+    assert wf.geometry(jobs["in1k-deit_ti-mpvg-seed0"].resources) == "1 node x 4 GPUs"
+    assert wf.geometry(jobs["c100-vit_lite-mpvg-seed0"].resources) == "1 node x 1 GPU"
+    assert jobs["c100-vit_lite-mpvg-seed0"].argv()[:4] == ["mpvg", "launch", "--nproc-per-node", "1"]
+    # CPUs and memory asked per node fit the node: 8 GPUs on 8-GPU nodes of 64 CPUs -> 8 per GPU
+    small = wf.placement(8, wf.CPUS_PER_GPU, wf.MEM_MB_PER_GPU, wf.NodeShape(8, 64, 256_000))
+    assert (small["nodes"], small["cpus_per_task"], small["mem_mb"]) == (1, 64, 256_000)
+    with pytest.raises(ValueError, match=r"^x: 2 GPU processes per node need at least 2 CPUs; node_cpus is 1$"):
+        wf.placement(2, 12, 1000, wf.NodeShape(2, 1, 4000), what="x")
+    with pytest.raises(ValueError, match=r"one process per node, which the SLURM plugin's MPI mode refuses"):
+        wf.placement(2, 12, 1000, wf.NodeShape(1, 16, 4000), what="x")
+    res = run(["mpvg", "workflow", "plan", "--set", "scale=paper", "--node", "4,64,500000"], ROOT)
+    assert res.returncode == 0, res.stdout[-2000:]
+    line = next(line for line in res.stdout.splitlines() if line.startswith("train@in1k-deit_b-mpvg-seed0\t"))
+    assert line.split("\t")[1] == "2 nodes x 4 GPUs" and "\tsrun --nodes=2 --ntasks-per-node=4 " in line
+    bad = run(["mpvg", "workflow", "plan", "--node", "4,64"], ROOT)
+    assert bad.returncode == 2 and "--node '4,64': expected GPUS,CPUS,MEM_MB" in bad.stdout
 
 
 def job_command(shell: str) -> str:
@@ -222,14 +266,15 @@ def test_dvc_yaml_check_detects_a_stale_file(workdir):
     (lambda p: p["grid"][0]["models"].append("DeiT-XL"), "unknown model 'DeiT-XL'"),
     (lambda p: p["grid"][1]["methods"].append("MPVG2"), "unknown method 'MPVG2'"),
 ])
-def test_bad_params_stop_before_any_job(workdir, tmp_path, edit, needle):
+@pytest.mark.slurm
+def test_bad_params_stop_before_any_job(slurm_cluster, workdir, edit, needle):
     write_params(workdir, edit)
-    env, calls = fake_slurm(tmp_path)
+    before = submitted_jobs()
     for args in (["-n"], ["--profile", "slurm", "--default-resources", "slurm_partition=debug"]):
-        res = snakemake(workdir, *args, env=env)
+        res = snakemake(workdir, *args)
         assert res.returncode != 0
         assert needle in res.stdout, res.stdout[-2000:]
-    assert "sbatch" not in calls.read_text()
+    assert submitted_jobs() == before
     assert not (workdir / "runs").exists()
 
 
@@ -238,32 +283,34 @@ def test_unknown_config_key_is_named(workdir):
     assert res.returncode != 0 and "sclae" in res.stdout
 
 
-def test_missing_dataset_stops_before_submitting(workdir, tmp_path):
-    """A real paper-scale run without data: nothing reaches sbatch; the message names the path."""
-    env, calls = fake_slurm(tmp_path)
-    res = snakemake(workdir, "--profile", "slurm", "--default-resources", "slurm_partition=debug", env=env)
+@pytest.mark.slurm
+def test_missing_dataset_stops_before_submitting(slurm_cluster, workdir):
+    """A real paper-scale run without data: nothing reaches the cluster; the message names the path."""
+    before = submitted_jobs()
+    res = snakemake(workdir, "--profile", "slurm", "--default-resources", "slurm_partition=debug")
     assert res.returncode != 0
     assert "data/imagenet does not exist" in res.stdout, res.stdout[-3000:]
-    assert "sbatch" not in calls.read_text()
+    assert submitted_jobs() == before
     assert not (workdir / "runs").exists()
     # the same check as a command
     check = run(["mpvg", "workflow", "check", "--set", "scale=paper"], workdir)
     assert check.returncode == 1 and "data/imagenet" in check.stdout
 
 
-def test_slurm_profile_without_partition_stops_before_submitting(workdir, tmp_path):
-    env, calls = fake_slurm(tmp_path)
-    res = snakemake(workdir, "--profile", "slurm", "--config", "scale=tiny", "cluster=test", env=env)
+@pytest.mark.slurm
+def test_slurm_profile_without_partition_stops_before_submitting(slurm_cluster, workdir):
+    before = submitted_jobs()
+    res = snakemake(workdir, "--profile", "slurm", "--config", "scale=tiny", "cluster=test")
     assert res.returncode != 0
     assert "no SLURM partition" in res.stdout and "slurm_partition" in res.stdout, res.stdout[-3000:]
-    assert "sbatch" not in calls.read_text()
+    assert submitted_jobs() == before
     assert not (workdir / "runs").exists() and not (workdir / "data").exists()
 
 
-def test_the_slurm_profile_keeps_its_scale_under_any_config(workdir, tmp_path):
+@pytest.mark.slurm
+def test_the_slurm_profile_keeps_its_scale_under_any_config(slurm_cluster, workdir):
     """`--config set=[...]` merges into the profile's configfile: three seeds of GPU jobs."""
-    env, _ = fake_slurm(tmp_path)
-    res = snakemake(workdir, "-n", "--profile", "slurm", "--config", 'set=["seeds=[0,1,2]"]', env=env)
+    res = snakemake(workdir, "-n", "--profile", "slurm", "--config", 'set=["seeds=[0,1,2]"]')
     assert res.returncode == 0, res.stdout[-3000:]
     cells = [j for j in dry_run_jobs(res.stdout) if j["rule"] in wf.CELL_STAGES]
     paper = load_params(PARAMS, ["scale=paper"])
@@ -272,18 +319,19 @@ def test_the_slurm_profile_keeps_its_scale_under_any_config(workdir, tmp_path):
     assert {re.search(r"--seed (\d+)", j["shell"]).group(1) for j in cells} == {"0", "1", "2"}
 
 
-def test_a_tiny_plan_never_goes_to_slurm(workdir, tmp_path):
-    env, calls = fake_slurm(tmp_path)
+@pytest.mark.slurm
+def test_a_tiny_plan_never_goes_to_slurm(slurm_cluster, workdir):
+    before = submitted_jobs()
     for args in (["-n"], []):
-        res = snakemake(workdir, *args, "--profile", "slurm", "--config", "scale=tiny", env=env)
+        res = snakemake(workdir, *args, "--profile", "slurm", "--config", "scale=tiny")
         assert res.returncode != 0
         assert "the slurm profile would submit tiny-scale jobs" in res.stdout, res.stdout[-2000:]
-    assert "sbatch" not in calls.read_text()
+    assert submitted_jobs() == before
 
 
-def test_a_table_target_on_slurm_plans_that_table_and_its_parents_only(workdir, tmp_path):
-    env, _ = fake_slurm(tmp_path)
-    res = snakemake(workdir, "-n", "--profile", "slurm", "table2", env=env)
+@pytest.mark.slurm
+def test_a_table_target_on_slurm_plans_that_table_and_its_parents_only(slurm_cluster, workdir):
+    res = snakemake(workdir, "-n", "--profile", "slurm", "table2")
     assert res.returncode == 0, res.stdout[-3000:]
     jobs = dry_run_jobs(res.stdout)
     cells = sorted(re.search(r"--cell (\S+)", j["shell"]).group(1) for j in jobs if j["rule"] in wf.CELL_STAGES)

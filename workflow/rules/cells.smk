@@ -25,6 +25,6 @@ for _stage in wf.CELL_STAGES:
             sig=job_sig(_stage),
         threads: planned(_stage, lambda job: job.resources["threads"])
         resources:
-            **{name: planned(_stage, lambda job, name=name: job.resources[name]) for name in RESOURCES},
+            **{name: planned(_stage, lambda job, name=name: job.resources.get(name)) for name in RESOURCES},
         shell:
             "exec {params.cmd} >> {log} 2>&1"

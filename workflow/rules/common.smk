@@ -22,7 +22,12 @@ try:
 except ConfigError as err:
     raise WorkflowError(f"invalid parameters: {err}") from None
 
-JOBS = {(job.rule, job.key): job for job in wf.build_plan(P, PARAMS_FILE, OVERRIDES)}
+try:  # the cluster's node shape (the slurm profile's configfile) places the GPU jobs on nodes
+    NODE = wf.node_shape(config)
+    JOBS = {(job.rule, job.key): job for job in wf.build_plan(P, PARAMS_FILE, OVERRIDES, node=NODE,
+                                                              job_gpus=config.get("job_gpus", 0))}
+except ValueError as err:
+    raise WorkflowError(f"cannot place the jobs: {err}") from None
 RUNS = P["paths"]["runs"]
 REPORTS = P["paths"]["reports"]
 COMMON = " ".join(shlex.quote(a) for a in wf.common_args(PARAMS_FILE, OVERRIDES))
@@ -152,12 +157,15 @@ def take_workflow_lock():
 
 
 # Per-job resources (threads also go through the `threads:` directive for local runs; the SLURM
-# plugin reads cpus_per_task): sized in mpvg.workflow.plan.cell_resources.
-RESOURCES = ("gpu", "cpus_per_task", "mem_mb", "runtime")
+# plugin reads cpus_per_task): sized in mpvg.workflow.plan.cell_resources. A job over several
+# nodes has nodes/tasks_per_node/gres/mpi too (mpvg.workflow.plan.placement); a resource function
+# returning None leaves that resource out of the job (Snakemake drops None values), so the
+# plugin's MPI mode is on for those jobs only.
+RESOURCES = ("gpu", "nodes", "cpus_per_task", "mem_mb", "runtime", "tasks_per_node", "gres", "mpi")
 
 
 def snakemake_resources(job):
-    return {name: job.resources[name] for name in RESOURCES}
+    return {name: job.resources[name] for name in RESOURCES if name in job.resources}
 
 
 def job_of(rule, wildcards=None):

@@ -4,16 +4,22 @@
 * ``torchrun --nproc-per-node=G [--nnodes=N --rdzv-endpoint=HOST:PORT] -m mpvg train ...``:
   ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` come from
   torchrun and the group starts with ``init_method="env://"``;
-* ``srun --ntasks=N*G mpvg train ...`` (one task per GPU, no torchrun): ``SLURM_PROCID``,
-  ``SLURM_LOCALID`` and ``SLURM_STEP_NUM_TASKS`` give the ranks; ``MASTER_ADDR`` must be exported by
-  the job script (else ``SLURM_LAUNCH_NODE_IPADDR`` is used) and ``MASTER_PORT`` defaults to
-  ``29500 + SLURM_JOB_ID % 1000``.
+* ``srun --nodes=K --ntasks-per-node=G --gpus-per-task=1 mpvg train ...`` (one task per GPU over
+  K nodes, what the plan runs for a job larger than a node; no torchrun): ``SLURM_PROCID``,
+  ``SLURM_LOCALID`` and ``SLURM_STEP_NUM_TASKS`` give the ranks; the rendezvous is on the node srun
+  was started from, the batch node, which is the allocation's first node: ``MASTER_ADDR`` is
+  ``SLURM_LAUNCH_NODE_IPADDR`` (the address SLURM itself reports for it, unless the job exported
+  one) and ``MASTER_PORT`` defaults to ``29500 + SLURM_JOB_ID % 1000`` (the same after a requeue).
+
+Each process says where it runs (its rank, node, ``CUDA_VISIBLE_DEVICES`` and device) on stderr,
+which the job log keeps: how to check the placement of a job.
 
 The backend is NCCL on CUDA and gloo on CPU.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +77,13 @@ def setup(device: str = "auto") -> DistInfo:
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    env = os.environ
+    if "OMP_NUM_THREADS" not in env and env.get("SLURM_CPUS_PER_TASK") and "SLURM_PROCID" in env and world_size > 1:
+        torch.set_num_threads(int(env["SLURM_CPUS_PER_TASK"]))  # an srun task: its own CPUs, not the node's
+    where = f", rendezvous {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}" if world_size > 1 else ""
+    print(f"mpvg: process rank {rank} of {world_size} (local rank {local_rank}) on node "
+          f"{env.get('SLURMD_NODENAME') or os.uname().nodename}, CUDA_VISIBLE_DEVICES="
+          f"{env.get('CUDA_VISIBLE_DEVICES', '(unset)')}, device {dev}{where}", file=sys.stderr, flush=True)
     if world_size == 1:
         return DistInfo(device=dev)
     kwargs = group_kwargs(dev, rank, world_size)

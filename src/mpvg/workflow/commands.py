@@ -95,8 +95,12 @@ def register(subparsers) -> None:
     p = sub.add_parser(
         "plan", help="every job: stage name, resources and command",
         description="Print every job of the plan, one per line: its stage name (as in dvc.yaml), its "
-                    "resources (gpu, threads, mem_mb, runtime in minutes) and the command it runs.")
+                    "placement (nodes x GPUs), its resources (gpu, threads, mem_mb per node, runtime in "
+                    "minutes) and the command it runs.")
     add_params_arguments(p)
+    p.add_argument("--node", default=None, metavar="GPUS,CPUS,MEM_MB",
+                   help="the cluster's node shape (as node_gpus, node_cpus, node_mem_mb in the slurm "
+                        "profile's configfile), e.g. 4,64,500000; default: one node as large as any job")
     p.set_defaults(func=cmd_plan)
 
 
@@ -114,11 +118,29 @@ def _params(args):
         raise SystemExit(2) from None
 
 
+def _node(text):
+    from mpvg.workflow.plan import NodeShape
+
+    if text is None:
+        return None
+    try:
+        gpus, cpus, mem_mb = (int(v) for v in text.split(","))
+        return NodeShape(gpus, cpus, mem_mb)
+    except ValueError as err:
+        print(f"mpvg: --node {text!r}: expected GPUS,CPUS,MEM_MB, three whole numbers >= 1 ({err})", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _plan(args, params=None):
-    """The job plan of ``params`` (default: the params of ``args``)."""
+    """The job plan of ``params`` (default: the params of ``args``), on ``args.node`` if given."""
     from mpvg.workflow.plan import build_plan
 
-    return build_plan(_params(args) if params is None else params, args.params, args.overrides)
+    try:
+        return build_plan(_params(args) if params is None else params, args.params, args.overrides,
+                          node=_node(getattr(args, "node", None)))
+    except ValueError as err:
+        print(f"mpvg: cannot place the jobs: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_next(args: argparse.Namespace) -> int:
@@ -168,9 +190,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from mpvg.workflow.plan import geometry
+
     for job in _plan(args):
         res = job.resources
-        print(f"{job.stage_name}\tgpu={res['gpu']} threads={res['threads']} mem_mb={res['mem_mb']} "
+        print(f"{job.stage_name}\t{geometry(res)}\tgpu={res['gpu']} threads={res['threads']} mem_mb={res['mem_mb']} "
               f"runtime={res['runtime']}\t{job.shell()}")
     return 0
 

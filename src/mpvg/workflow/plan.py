@@ -87,7 +87,9 @@ MIN_RUNTIME_MIN = 30
 # Longer jobs are cut into pieces: the time limit stops them, the run resumes from
 # checkpoint.pt when Snakemake resubmits it (`retries` in the slurm profile).
 MAX_RUNTIME_MIN = 48 * 60
-TINY = {"gpu": 0, "threads": 1, "cpus_per_task": 1, "mem_mb": 3000, "runtime": 30}
+TINY = {"gpu": 0, "nodes": 1, "threads": 1, "cpus_per_task": 1, "mem_mb": 3000, "runtime": 30}
+# A tiny-scale process of a multi-process job (config job_gpus): one CPU, this much memory.
+TINY_MEM_MB_PER_PROCESS = 1000
 
 
 def train_images(params: Mapping, dataset: str) -> int:
@@ -212,28 +214,114 @@ def paper_gpu_hours(params: Mapping, cell: Cell) -> float:
     return epochs_images(params, cell) / throughput(cell, params) / 3600.0
 
 
-def cell_resources(params: Mapping, cell: Cell) -> dict:
-    """Snakemake resources of one job: ``gpu``, ``threads`` (= ``cpus_per_task``, which the SLURM
-    plugin reads), ``mem_mb``, ``runtime`` (minutes).
+@dataclass(frozen=True)
+class NodeShape:
+    """What one node of the cluster has: GPUs, CPUs and memory (MB). The one place it is set is the
+    SLURM profile's configfile (``node_gpus``, ``node_cpus``, ``node_mem_mb`` in
+    profiles/slurm/workflow-config.yaml; docs/workflow.md, "SLURM")."""
+
+    gpus: int
+    cpus: int
+    mem_mb: int
+
+    def __post_init__(self):
+        for name in ("gpus", "cpus", "mem_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"node_{name} must be a whole number >= 1, got {value!r}")
+
+
+def node_shape(config: Mapping) -> NodeShape | None:
+    """The node shape of a Snakemake config (``node_gpus``/``node_cpus``/``node_mem_mb``; all three
+    or none: None means one node as large as any job, e.g. a workstation)."""
+    values = {k: config.get(f"node_{k}") or 0 for k in ("gpus", "cpus", "mem_mb")}
+    if not any(values.values()):
+        return None
+    missing = [f"node_{k}" for k, v in values.items() if not v]
+    if missing:
+        raise ValueError(f"the node shape needs node_gpus, node_cpus and node_mem_mb; {', '.join(missing)} "
+                         "is not set")
+    return NodeShape(**values)
+
+
+def placement(gpus: int, cpus_per_gpu: int, mem_mb_per_gpu: int, node: NodeShape | None = None,
+              what: str = "the job") -> dict:
+    """Resources of a job on ``gpus`` GPUs for nodes of shape ``node``.
+
+    A job that fits one node is one SLURM task (``mpvg launch`` starts one process per GPU in it):
+    ``nodes=1``, ``cpus_per_task`` = its GPUs x ``cpus_per_gpu``, ``mem_mb`` for the node. A job
+    with more GPUs than a node has is spread evenly over k nodes and run as one task per GPU by
+    SLURM itself (``srun``, see :func:`launcher`), which the SLURM plugin submits in its MPI mode:
+    ``mpi``, ``nodes=k``, ``tasks_per_node`` and ``gres=gpu:G`` (G GPUs on every node),
+    ``cpus_per_task`` per GPU, ``mem_mb`` per node. CPUs and memory are capped at what a node has."""
+    gpus = int(gpus)
+    nodes = 1 if node is None or gpus <= node.gpus else math.ceil(gpus / node.gpus)
+    if gpus % nodes:
+        raise ValueError(f"{what}: {gpus} GPUs cannot be spread evenly over {nodes} nodes of {node.gpus} GPUs; "
+                         f"plan a multiple of {nodes} GPUs or set the node shape (node_gpus)")
+    per_node = gpus // nodes
+    cpus = int(cpus_per_gpu)
+    if node is not None and per_node:
+        cpus = min(cpus, node.cpus // per_node)
+        if cpus < 1:
+            raise ValueError(f"{what}: {per_node} GPU processes per node need at least {per_node} CPUs; "
+                             f"node_cpus is {node.cpus}")
+    mem = max(1, per_node) * int(mem_mb_per_gpu)
+    if node is not None:
+        mem = min(mem, node.mem_mb)
+    if nodes == 1:
+        task_cpus = max(1, per_node) * cpus
+        return {"gpu": gpus, "nodes": 1, "threads": task_cpus, "cpus_per_task": task_cpus, "mem_mb": mem}
+    if per_node < 2:
+        raise ValueError(f"{what}: {gpus} GPUs over {nodes} nodes is one process per node, which the SLURM "
+                         "plugin's MPI mode refuses (tasks_per_node must be > 1); use nodes with more GPUs")
+    return {"gpu": gpus, "nodes": nodes, "tasks_per_node": per_node, "gres": f"gpu:{per_node}", "mpi": "srun",
+            "threads": cpus, "cpus_per_task": cpus, "mem_mb": mem}
+
+
+def cell_resources(params: Mapping, cell: Cell, node: NodeShape | None = None, job_gpus: int = 0) -> dict:
+    """Snakemake resources of one job: ``gpu`` (in all), ``nodes``, ``threads`` (= ``cpus_per_task``,
+    which the SLURM plugin reads: per task), ``mem_mb`` (per node), ``runtime`` (minutes), and for a
+    job over several nodes ``tasks_per_node``, ``gres`` and ``mpi`` (:func:`placement`).
 
     Tiny scale: CPU only, small. Paper scale: :data:`GPUS` GPUs; budget scale: one GPU; runtime
-    from :func:`paper_gpu_hours` divided over the GPUs with :data:`RUNTIME_SAFETY`.
+    from :func:`paper_gpu_hours` divided over the GPUs with :data:`RUNTIME_SAFETY`. ``job_gpus``
+    (Snakemake config ``job_gpus``) runs every cell job on that many GPUs instead, with the
+    scale's CPUs and memory per GPU (at the tiny scale: small jobs with the paper's geometry).
     """
+    what = f"{cell.stage}@{cell.id}"
     if params["scale"] not in ("paper", "budget"):
-        return dict(TINY)
-    gpus = gpus_for(cell, params["scale"])
+        if not job_gpus:
+            return dict(TINY)
+        return {**placement(job_gpus, TINY["threads"], TINY_MEM_MB_PER_PROCESS, node, what), "runtime": TINY["runtime"]}
+    gpus = int(job_gpus) or gpus_for(cell, params["scale"])
     hours = paper_gpu_hours(params, cell) / gpus * RUNTIME_SAFETY
-    cpus = gpus * cpus_per_gpu(params)
-    return {"gpu": gpus, "threads": cpus, "cpus_per_task": cpus, "mem_mb": gpus * MEM_MB_PER_GPU,
+    return {**placement(gpus, cpus_per_gpu(params), MEM_MB_PER_GPU, node, what),
             "runtime": min(MAX_RUNTIME_MIN, max(MIN_RUNTIME_MIN, int(math.ceil(hours * 6)) * 10))}
 
 
-def launcher(gpus: int) -> list[str]:
-    """``mpvg`` for one process; ``mpvg launch`` with one process per GPU when ``gpus > 1``
-    (:mod:`mpvg.run.launch`: torchrun's environment, preemption that reaches every rank)."""
-    if int(gpus) > 1:
-        return ["mpvg", "launch", "--nproc-per-node", str(int(gpus))]
+def launcher(gpus: int, nodes: int = 1, cpus_per_task: int = 1) -> list[str]:
+    """How a job's processes start: ``mpvg`` for a CPU job; ``mpvg launch --nproc-per-node G`` on
+    one node (one process per GPU, each given its own device: :mod:`mpvg.run.launch`); over
+    several nodes SLURM's own launch, one task per GPU bound to it (``--gpus-per-task=1``), the
+    ranks from ``SLURM_PROCID``/``SLURM_LOCALID`` and the rendezvous on the first node
+    (:mod:`mpvg.run.distributed`). ``--wait=60``: when one task ends, the others get 60 s
+    before srun stops them (a rank that failed leaves no peer blocked in a collective)."""
+    gpus, nodes = int(gpus), int(nodes or 1)
+    if nodes > 1:
+        return ["srun", f"--nodes={nodes}", f"--ntasks-per-node={gpus // nodes}", "--gpus-per-task=1",
+                f"--cpus-per-task={int(cpus_per_task)}", "--wait=60", "mpvg"]
+    if gpus >= 1:
+        return ["mpvg", "launch", "--nproc-per-node", str(gpus)]
     return ["mpvg"]
+
+
+def geometry(resources: Mapping) -> str:
+    """``2 nodes x 4 GPUs``, ``1 node x 4 GPUs``, ``CPU``: how a job is placed."""
+    gpus, nodes = int(resources.get("gpu", 0)), int(resources.get("nodes") or 1)
+    if not gpus:
+        return "CPU"
+    return f"{nodes} node{'s' if nodes > 1 else ''} x {gpus // nodes} GPU{'s' if gpus // nodes > 1 else ''}"
 
 
 # --------------------------------------------------------------------------- jobs
@@ -266,8 +354,12 @@ class Job:
         return f"{self.rule}@{self.key}" if self.key else self.rule
 
     def argv(self, gpus: int | None = None) -> list[str]:
-        """The full command: :func:`launcher` for ``gpus`` (default: the planned GPUs) + args."""
-        return launcher(self.resources.get("gpu", 0) if gpus is None else gpus) + self.args
+        """The full command: :func:`launcher` for ``gpus`` (default: the planned GPUs; another
+        count, e.g. from ``--set-resources``, runs on one node) + args."""
+        res = self.resources
+        if gpus is None or int(gpus) == int(res.get("gpu", 0)):
+            return launcher(res.get("gpu", 0), res.get("nodes", 1), res.get("cpus_per_task", 1)) + self.args
+        return launcher(gpus) + self.args
 
     def shell(self, gpus: int | None = None) -> str:
         return " ".join(_quote(a) for a in self.argv(gpus))
@@ -336,10 +428,10 @@ def cell_dir(params: Mapping, stage: str, cell: str, seed: int) -> str:
 
 def cell_job(params: Mapping, cell: Cell, seed: int, params_file: str = "params.yaml",
              overrides: tuple | list = (), cells: Mapping[str, Cell] | None = None, tiny_keys: frozenset = frozenset(),
-             block: str = "tiny") -> Job:
-    """The job that trains ``cell`` with ``seed``."""
+             block: str = "tiny", node: NodeShape | None = None, job_gpus: int = 0) -> Job:
+    """The job that trains ``cell`` with ``seed`` (placed on nodes of shape ``node``)."""
     cells = cells if cells is not None else expand_cells(params)
-    res = cell_resources(params, cell)
+    res = cell_resources(params, cell, node, job_gpus)
     out = cell_dir(params, cell.stage, cell.id, seed)
     made = produced_datasets(params).get(cell.dataset)
     deps = [made] if made else []
@@ -363,8 +455,11 @@ def analysis_cells(cells: Mapping[str, Cell]) -> list[Cell]:
     return [c for c in cells.values() if c.stage == "train" and c.task == "in1k"]
 
 
-def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tuple | list = ()) -> list[Job]:
-    """Every job of the paper for ``params`` (already resolved by ``load_params``), in order."""
+def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tuple | list = (),
+               node: NodeShape | None = None, job_gpus: int = 0) -> list[Job]:
+    """Every job of the paper for ``params`` (already resolved by ``load_params``), in order; GPU
+    jobs placed on nodes of shape ``node`` (None: one node as large as any job), every cell job on
+    ``job_gpus`` GPUs when that is set (:func:`cell_resources`)."""
     cells = expand_cells(params)
     block = "budget" if params["scale"] == "budget" else "tiny"   # the scale block the cells read
     tiny_keys = tiny_keys_of(params_file, block) if Path(params_file).is_file() else frozenset()
@@ -384,7 +479,7 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
         for cell in cells.values():
             if cell.stage == stage:
                 jobs += [cell_job(params, cell, seed, params_file, overrides, cells=cells, tiny_keys=tiny_keys,
-                                  block=block) for seed in seeds[cell.id]]
+                                  block=block, node=node, job_gpus=job_gpus) for seed in seeds[cell.id]]
     figures = f"{reports}/figures"
     analysis_deps = [f"{cell_dir(params, c.stage, c.id, s)}/{RESULT}"
                      for c in analysis_cells(cells) for s in seeds[c.id]]
