@@ -275,15 +275,19 @@ def _describe(schema: dict) -> str:
     return names.get(t, "a valid value")
 
 
-def nearest(word: str, choices: Iterable[str]) -> str:
-    """``"; nearest valid key: 'lr_gamma'"`` (difflib), or the valid keys when none is close."""
+def nearest(word: str, choices: Iterable[str], what: str = "key") -> str:
+    """``"; nearest valid key: 'lr_gamma'"`` (difflib), or the valid ones when none is close."""
     import difflib
 
     choices = sorted(str(c) for c in choices)
     close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
     if close:
-        return f"; nearest valid key: {close[0]!r}"
-    return f"; valid keys: {choices}" if choices else ""
+        return f"; nearest valid {what}: {close[0]!r}"
+    return f"; valid {what}s: {choices}" if choices else ""
+
+
+def _unknown(what: str, name: str, choices: Iterable[str]) -> str:
+    return f"unknown {what} {name!r}" + nearest(name, choices, what)
 
 
 class _Origin:
@@ -299,29 +303,34 @@ class _Origin:
             parts = tuple(key.split("."))
             if path[:len(parts)] == parts:
                 return f"{self.where} ({self.overrides[key]})"
-        line = self._line(path)
+        line, found = self._line(path)
+        if not found:  # not in the file: an override that made it (``--set tiny.recipes.nope.epochs=1``)
+            for key in self.overrides:
+                if tuple(key.split("."))[:len(path)] == path:
+                    return f"{self.where} ({self.overrides[key]})"
         return f"{self.where} (line {line})" if line else self.where
 
-    def _line(self, path: tuple) -> int | None:
+    def _line(self, path: tuple) -> tuple[int | None, bool]:
+        """The line of the deepest key of ``path`` in the file, and whether all of it is there."""
         import yaml
 
         try:
             node = yaml.compose(self.text)
         except yaml.YAMLError:
-            return None
+            return None, False
         line = None
         for part in path:
             if isinstance(node, yaml.MappingNode):
                 match = next(((k, v) for k, v in node.value if str(k.value) == part), None)
                 if match is None:
-                    break
+                    return line, False
                 line, node = match[0].start_mark.line + 1, match[1]
             elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
                 node = node.value[int(part)]
                 line = node.start_mark.line + 1
             else:
-                break
-        return line
+                return line, False
+        return line, True
 
     def error(self, path: tuple, text: str) -> ConfigError:
         dotted = ".".join(str(p) for p in path) or "<top>"
@@ -524,8 +533,7 @@ def recipe_chain(recipes: Mapping[str, Mapping], name: str, section: str = "reci
     while BASE in recipes[chain[-1]]:
         base = recipes[chain[-1]][BASE]
         if base not in recipes:
-            raise origin.error((*section.split("."), chain[-1], BASE), f"unknown recipe {base!r}"
-                               + nearest(base, recipes).replace("valid key", "recipe"))
+            raise origin.error((*section.split("."), chain[-1], BASE), _unknown("recipe", base, recipes))
         if base in chain:
             raise origin.error((*section.split("."), chain[-1], BASE),
                                "the base chain loops: " + " -> ".join([*chain, base]))
@@ -581,17 +589,15 @@ def _check_raw(raw: dict, origin: _Origin) -> None:
         kinds[name] = _recipe_kind(_inherit(recipes, name, "recipes", origin))
         _validate(recipes[name], _recipe_schema(kinds[name], full=False), origin, ("recipes", name))
     for name, model in models.items():
-        _validate(model.get("arch", {}), _arch_schema(model["timm"]), origin, ("models", name, "arch"))
+        _check_arch(model.get("arch", {}), model["timm"], origin, ("models", name, "arch"))
         if model["recipe"] not in recipes:
-            raise origin.error(("models", name, "recipe"), f"unknown recipe {model['recipe']!r}; expected one of "
-                               f"{sorted(recipes)}")
+            raise origin.error(("models", name, "recipe"), _unknown("recipe", model["recipe"], recipes))
     for scale in SCALE_BLOCKS:
         block = raw.get(scale, {})
         entries = block.get("recipes", {})
         for name, entry in entries.items():
             if name not in recipes:
-                raise origin.error((scale, "recipes", name), "unknown recipe; expected one of "
-                                   f"{sorted(recipes)}" + nearest(name, recipes).replace("valid key", "recipe"))
+                raise origin.error((scale, "recipes", name), _unknown("recipe", name, recipes))
             _validate(entry, _recipe_schema(kinds[name], full=False), origin, (scale, "recipes", name))
         for name in entries:
             chain = recipe_chain(entries, name, f"{scale}.recipes", origin)
@@ -600,9 +606,8 @@ def _check_raw(raw: dict, origin: _Origin) -> None:
                                    f"{name!r} a {kinds[name]} one: a base must be of the same kind")
         for name, arch in block.get("models", {}).items():
             if name not in models:
-                raise origin.error((scale, "models", name), "unknown model; expected one of "
-                                   f"{sorted(models)}" + nearest(name, models).replace("valid key", "model"))
-            _validate(arch, _arch_schema(models[name]["timm"]), origin, (scale, "models", name))
+                raise origin.error((scale, "models", name), _unknown("model", name, models))
+            _check_arch(arch, models[name]["timm"], origin, (scale, "models", name))
         for name, ds in block.get("datasets", {}).items():  # a block's subset, with the values it inherits
             if ds.get("classes") is not None:
                 _check_classes({**raw["datasets"][name], **ds}, f"{origin.where}: {scale}.datasets.{name}", name)
@@ -610,7 +615,17 @@ def _check_raw(raw: dict, origin: _Origin) -> None:
         _validate(resolve_recipe(raw, name, origin), _recipe_schema(kinds[name], full=True), origin,
                   ("recipes", name))
     for i, group in enumerate(raw["grid"]):
-        _check_group(raw, group, f"{origin.where}: grid.{i}")
+        _check_group(raw, group, origin, ("grid", i))
+
+
+def _check_arch(arch: Mapping, timm_name: str, origin: _Origin, path: tuple) -> None:
+    """An arch block: create_model kwargs the model's factory accepts, typed."""
+    for key in arch:
+        if key in ARCH_NOT_SETTABLE:
+            why = ("the cell sets it (its method and PE overrides: grid variants, method_pe_overrides)"
+                   if key.startswith("pe_") else "a Python object, not a setting")
+            raise origin.error((*path, key), f"not settable in arch: {why}")
+    _validate(arch, _arch_schema(timm_name), origin, path)
 
 
 def _check_resolved(params: dict, origin: _Origin) -> None:
@@ -621,11 +636,11 @@ def _check_resolved(params: dict, origin: _Origin) -> None:
     for name, recipe in params["recipes"].items():
         _validate(recipe, _recipe_schema(_recipe_kind(recipe), full=True), origin, ("recipes", name))
     for name, model in params["models"].items():
-        _validate(model["arch"], _arch_schema(model["timm"]), origin, ("models", name, "arch"))
+        _check_arch(model["arch"], model["timm"], origin, ("models", name, "arch"))
     for name, ds in params["datasets"].items():
         _check_classes(ds, f"{where}: datasets.{name}", name)
     for i, group in enumerate(params["grid"]):
-        _check_group(params, group, f"{where}: grid.{i}")
+        _check_group(params, group, origin, ("grid", i))
     expand_cells({**params, "cells": None})  # id clashes, init_from edges of the whole grid
     for cell in expand_cells(params).values():
         _check_depth(params, cell, where)
@@ -706,23 +721,20 @@ def dataset_classes(ds: Mapping) -> tuple | None:
     return tuple(str(c) for c in classes)
 
 
-def _check_group(raw: dict, group: dict, where: str) -> None:
-    for model in group["models"]:
+def _check_group(raw: dict, group: dict, origin: _Origin, path: tuple) -> None:
+    for i, model in enumerate(group["models"]):
         if model not in raw["models"]:
-            raise ConfigError(f"{where}.models: unknown model {model!r}; expected one of "
-                              f"{sorted(raw['models'])}")
-    for method in group["methods"]:
+            raise origin.error((*path, "models", i), _unknown("model", model, raw["models"]))
+    for i, method in enumerate(group["methods"]):
         if method not in PAPER_METHODS:
-            raise ConfigError(f"{where}.methods: unknown method {method!r}; expected one of "
-                              f"{list(PAPER_METHODS)}")
+            raise origin.error((*path, "methods", i), _unknown("method", method, PAPER_METHODS))
     if "recipe" in group and group["recipe"] not in raw["recipes"]:
-        raise ConfigError(f"{where}.recipe: unknown recipe {group['recipe']!r}; expected one of "
-                          f"{sorted(raw['recipes'])}")
+        raise origin.error((*path, "recipe"), _unknown("recipe", group["recipe"], raw["recipes"]))
     needs_init = group["stage"] != "train"
     if needs_init != ("init_from" in group):
-        raise ConfigError(f"{where}: stage {group['stage']!r} "
-                          + ("needs init_from (the task of the pretraining cell)" if needs_init
-                             else "trains from scratch and takes no init_from"))
+        raise origin.error(path, f"stage {group['stage']!r} "
+                           + ("needs init_from (the task of the pretraining cell)" if needs_init
+                              else "trains from scratch and takes no init_from"))
 
 
 # --------------------------------------------------------------------------- cells
