@@ -150,10 +150,13 @@ def test_downstream_defaults_are_recipe_keys():
 
 
 def test_last_ln_pe_deeper_than_model_is_rejected():
-    msg = _error(["grid.5.variants.lastpe11.last_ln_pe=12"])
-    assert "in1k-deit_ti-mpvg-lastpe11" in msg and "12 blocks of DeiT-Ti" in msg
+    assert _error(["grid.5.variants.lastpe11.last_ln_pe=12"]) == (
+        f"{PARAMS}: cell in1k-deit_ti-mpvg-lastpe11: last_ln_pe=12 needs more than the 12 blocks of DeiT-Ti "
+        "at scale 'tiny'")
     # a tiny arch too shallow for Table 5 is caught at load time, not at training time
-    assert "last_ln_pe=11" in _error(["tiny.models.DeiT-Ti.depth=4"])
+    assert _error(["tiny.models.DeiT-Ti.depth=4"]) == (
+        f"{PARAMS}: cell in1k-deit_ti-mpvg-lastpe11: last_ln_pe=11 needs more than the 4 blocks of DeiT-Ti "
+        "at scale 'tiny'")
 
 
 def test_downstream_recipe_keys_are_closed_and_typed():
@@ -273,7 +276,8 @@ def test_finetune_and_downstream_edges(tiny):
         for task, stage in (("coco", "detect"), ("ade20k", "segment")):
             c = cells[f"{task}-deit_ti-{m}"]
             assert (c.stage, c.dataset, c.init_from) == (stage, task, f"in1k-deit_ti-{m}")
-    assert "which no grid group trains" in _error(["grid.0.models=[DeiT-S]"])
+    assert _error(["grid.0.models=[DeiT-S]"]) == ("params.yaml: cell c100-t2t_vit_7-default starts from "
+                                                  "in1k-t2t_vit_7-default, which no grid group trains")
 
 
 def test_conflicting_duplicate_cell_is_an_error():
@@ -320,7 +324,8 @@ def test_explicit_override_wins_over_the_tiny_block(tiny):
     assert p["models"]["DeiT-S"]["arch"]["depth"] == 2 and p["models"]["DeiT-S"]["arch"]["embed_dim"] == 64
     # tiny.* overrides act through the merge; a late override is validated too
     assert load_params(PARAMS, ["tiny.recipes.deit.epochs=1"])["recipes"]["deit"]["epochs"] == 1
-    assert "recipes.deit.epochs" in _error(["recipes.deit.epochs=zero"])
+    assert _error(["recipes.deit.epochs=zero"]) == (f"{PARAMS} (--set recipes.deit.epochs=zero): "
+                                                    "recipes.deit.epochs: expected an integer, got 'zero'")
 
 
 def test_pe_override_keys_mirror_peconfig():
