@@ -343,3 +343,59 @@ def test_override_of_one_recipe_leaves_recipes_sharing_its_yaml_anchor_alone():
     params = load_params(ROOT / "params.yaml", ["tiny.recipes.deit.epochs=2"])
     assert params["recipes"]["deit"]["epochs"] == 2
     assert params["recipes"]["swin"]["epochs"] != 2
+
+
+# --------------------------------------------------------------------------- inheritance
+
+def test_a_recipe_is_its_base_with_its_own_keys(paper, tiny):
+    raw = yaml.safe_load(PARAMS.read_text())
+    assert raw["recipes"]["ceit"] == {"base": "deit", "color_jitter": 0.4}
+    deit, ceit = paper["recipes"]["deit"], paper["recipes"]["ceit"]
+    assert {k: v for k, v in ceit.items() if deit[k] != v} == {"color_jitter": 0.4} and set(ceit) == set(deit)
+    assert "base" not in ceit and "base" not in tiny["recipes"]["swin"]
+    # defaults fill what no recipe in the chain sets; a recipe's own value wins
+    assert deit["clip_grad"] is None and paper["recipes"]["swin"]["clip_grad"] == 5.0
+    assert deit["mean"] == [0.485, 0.456, 0.406] and paper["recipes"]["vit_lite_c100"]["mean"] == [0.5071, 0.4867, 0.4408]
+    # the tiny override is written once: swin at tiny is tiny deit's values over paper swin
+    assert tiny["recipes"]["swin"]["warmup_epochs"] == 1 and tiny["recipes"]["swin"]["sched_per_step"] is True
+    # a value set on the base reaches what inherits it, not what sets its own
+    p = load_params(PARAMS, ["scale=paper", "recipes.deit.weight_decay=0.1"])
+    assert p["recipes"]["ceit"]["weight_decay"] == 0.1 and p["recipes"]["t2t"]["weight_decay"] == 0.03
+
+
+def test_an_explicit_override_of_a_base_key_wins_over_the_tiny_block_where_it_is_inherited():
+    p = load_params(PARAMS, ["recipes.deit.warmup_epochs=3"])
+    assert p["recipes"]["deit"]["warmup_epochs"] == 3 and p["recipes"]["ceit"]["warmup_epochs"] == 3
+    assert p["recipes"]["swin"]["warmup_epochs"] == 1  # swin sets its own (20), the tiny block's wins over it
+    assert load_params(PARAMS, ["recipes.swin.lr=0.002"])["recipes"]["swin"]["lr"] == 0.002  # inherited key, --set
+
+
+@pytest.mark.parametrize("item, message", [
+    ("recipes.deit.base=swin", "params.yaml (line {swin_base}): recipes.swin.base: the base chain loops: deit -> swin -> deit"),
+    ("recipes.coco_maskrcnn.base=deit", "params.yaml (--set recipes.coco_maskrcnn.base=deit): "
+     "recipes.coco_maskrcnn.base: 'deit' is a classification recipe and 'coco_maskrcnn' a detection one: "
+     "a recipe's base must be of its own kind"),
+    ("tiny.recipes.swin.base=nope", "params.yaml (--set tiny.recipes.swin.base=nope): tiny.recipes.swin.base: "
+     "unknown recipe 'nope'; valid recipes: ['ade20k_upernet', 'ceit', 'coco_maskrcnn', 'deit', 'swin', 't2t', "
+     "'t2t_c100', 'vit_lite_c100']"),
+])
+def test_bad_base_chains(item, message):
+    swin_base = _line_of(PARAMS.read_text(), "  swin:") + 1
+    with pytest.raises(ConfigError) as info:
+        load_params("params.yaml", [item])
+    assert str(info.value) == message.format(swin_base=swin_base)
+
+
+def test_a_typo_stops_the_command_line_before_planning():
+    res = subprocess.run([sys.executable, "-m", "mpvg", "workflow", "plan", "--set", "models.DeiT-Ti.arch.embeddim=3"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == ("mpvg: params.yaml (--set models.DeiT-Ti.arch.embeddim=3): models.DeiT-Ti.arch: "
+                          "unknown key(s) ['embeddim']; nearest valid key: 'embed_dim'\n")
+
+
+def test_config_imports_nothing_above_it():
+    code = ("import sys, mpvg.config as c; c.load_params(%r, ['scale=budget']); "
+            "print(sorted(m for m in sys.modules if m.startswith('mpvg')))" % str(PARAMS))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['mpvg',", "'mpvg.config']"]

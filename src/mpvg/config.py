@@ -566,8 +566,10 @@ def _late_targets(raw: Mapping, key: str) -> list[str]:
     """Where an explicit override ``key`` applies in the resolved params: a recipe key also in
     every recipe that inherits it (no recipe between them in the chain sets it)."""
     parts = key.split(".")
-    if parts[0] != "recipes" or len(parts) < 3 or parts[1] not in raw["recipes"]:
+    if parts[0] != "recipes":
         return [key]
+    if len(parts) < 3 or parts[1] not in raw["recipes"]:
+        return []  # a whole recipe (or all of them) set: resolved from the overridden file as written
     if parts[2] == BASE:
         return []  # the chain itself: already resolved
     name, leaf, rest = parts[1], parts[2], parts[3:]
@@ -584,9 +586,9 @@ def _check_raw(raw: dict, origin: _Origin) -> None:
     """Every key of the unresolved params, where it is written (so an error names its line)."""
     _validate(raw, SCHEMA, origin)
     recipes, models = raw["recipes"], raw["models"]
-    kinds = {}
+    kinds = {name: _recipe_kind(_inherit(recipes, name, "recipes", origin)) for name in recipes}
     for name in recipes:
-        kinds[name] = _recipe_kind(_inherit(recipes, name, "recipes", origin))
+        _same_kind(recipe_chain(recipes, name), kinds, origin, ("recipes", name, BASE))
         _validate(recipes[name], _recipe_schema(kinds[name], full=False), origin, ("recipes", name))
     for name, model in models.items():
         _check_arch(model.get("arch", {}), model["timm"], origin, ("models", name, "arch"))
@@ -600,10 +602,8 @@ def _check_raw(raw: dict, origin: _Origin) -> None:
                 raise origin.error((scale, "recipes", name), _unknown("recipe", name, recipes))
             _validate(entry, _recipe_schema(kinds[name], full=False), origin, (scale, "recipes", name))
         for name in entries:
-            chain = recipe_chain(entries, name, f"{scale}.recipes", origin)
-            if len({kinds[c] for c in chain}) > 1:
-                raise origin.error((scale, "recipes", name, BASE), f"{chain[0]!r} is a {kinds[chain[0]]} recipe, "
-                                   f"{name!r} a {kinds[name]} one: a base must be of the same kind")
+            _same_kind(recipe_chain(entries, name, f"{scale}.recipes", origin), kinds, origin,
+                       (scale, "recipes", name, BASE))
         for name, arch in block.get("models", {}).items():
             if name not in models:
                 raise origin.error((scale, "models", name), _unknown("model", name, models))
@@ -616,6 +616,14 @@ def _check_raw(raw: dict, origin: _Origin) -> None:
                   ("recipes", name))
     for i, group in enumerate(raw["grid"]):
         _check_group(raw, group, origin, ("grid", i))
+
+
+def _same_kind(chain: list, kinds: Mapping[str, str], origin: _Origin, path: tuple) -> None:
+    """A base chain stays within one kind (classification, detection, segmentation)."""
+    for base, name in zip(chain, chain[1:]):
+        if kinds[base] != kinds[name]:
+            raise origin.error(path, f"{base!r} is a {kinds[base]} recipe and {name!r} a {kinds[name]} one: "
+                                     "a recipe's base must be of its own kind")
 
 
 def _check_arch(arch: Mapping, timm_name: str, origin: _Origin, path: tuple) -> None:
