@@ -58,7 +58,7 @@ def test_help_lists_every_command_without_importing_any_area():
     assert command_word(["workflow", "cost", "--set", "scale=paper"]) == "workflow"
 
 
-def test_a_command_missing_from_the_table_still_works(monkeypatch):
+def test_a_command_missing_from_the_table_still_works(monkeypatch, capsys):
     """Every module is loaded for a word the table does not know, so a command whose row was
     forgotten is slow, not gone (the test above names the missing row)."""
     import mpvg.cli
@@ -66,8 +66,9 @@ def test_a_command_missing_from_the_table_still_works(monkeypatch):
     monkeypatch.setattr(mpvg.cli, "COMMANDS", tuple(c for c in COMMANDS if c[0] != "cells"))
     args = mpvg.cli.build_parser("cells").parse_args(["cells"])
     assert args.func.__module__ == "mpvg.workflow.commands"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):
         mpvg.cli.build_parser("celss").parse_args(["celss"])
+    assert "argument COMMAND: invalid choice: 'celss'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", LIGHT, ids=" ".join)

@@ -33,48 +33,138 @@ def _error(overrides) -> str:
 
 # --------------------------------------------------------------------------- schema errors
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["recipes.deit.lr=abc"], "recipes.deit.lr: expected a number, got 'abc'"),
-    (["recipes.deit.lrr=1"], "recipes.deit: unknown key(s) ['lrr']"),
-    (["foo=1"], "<top>: unknown key(s) ['foo']"),
-    (["scale=huge"], "scale: expected one of 'tiny', 'budget', 'paper', got 'huge'"),
-    (["seeds=[a]"], "seeds.0: expected an integer"),
-    (["datasets.imagenet.root=3"], "datasets.imagenet.root: expected a string, got 3"),
-    (["grid.0.models=[DeiT-X]"], "grid.0.models: unknown model 'DeiT-X'; expected one of ['CeiT-Ti'"),
-    (["grid.0.methods=[Foo]"], "grid.0.methods: unknown method 'Foo'; expected one of ['Default', 'LaPE', 'PVG', 'MPVG']"),
-    (["grid.5.variants.x.poool=avg"], "grid.5.variants.x: unknown key(s) ['poool']"),
-    (["tiny.recipes.deit.epochs=0"], "tiny.recipes.deit.epochs"),
-    (["tiny.recipes.nope.epochs=1"], "tiny.recipes.nope: unknown recipe"),
-    (["recipes.coco_maskrcnn.lr=x"], "recipes.coco_maskrcnn.lr: expected a number, got 'x'"),
-    (["recipes.deit.randaugment=autoaug"], "recipes.deit.randaugment"),
-    (["grid.2.init_from=xx"], "grid.2.init_from: expected one of"),
-    ({"grid.0.init_from": "in1k"}, "grid.0: stage 'train' trains from scratch"),
-    (["models.DeiT-Ti.recipe=nope"], "models.DeiT-Ti.recipe: unknown recipe 'nope'"),
+SET = "params.yaml (--set {})"  # where a --set typo is reported to come from
+
+
+@pytest.mark.parametrize("item, message", [
+    # one per typo class: the key, where it came from, the nearest valid key
+    ("models.DeiT-Ti.arch.embeddim=3",
+     "models.DeiT-Ti.arch: unknown key(s) ['embeddim']; nearest valid key: 'embed_dim'"),
+    ("recipes.deit.lrr=1", "recipes.deit: unknown key(s) ['lrr']; nearest valid key: 'lr'"),
+    ("recipes.coco_maskrcnn.lr_gama=0.5",
+     "recipes.coco_maskrcnn: unknown key(s) ['lr_gama']; nearest valid key: 'lr_gamma'"),
+    ("tiny.recipes.deit.epoch=3", "tiny.recipes.deit: unknown key(s) ['epoch']; nearest valid key: 'epochs'"),
+    ("tiny.models.DeiT-Ti.embeddim=3",
+     "tiny.models.DeiT-Ti: unknown key(s) ['embeddim']; nearest valid key: 'embed_dim'"),
+    ("budget.recipes.t2t.lrr=1", "budget.recipes.t2t: unknown key(s) ['lrr']; nearest valid key: 'lr'"),
+    ("scal=paper", "<top>: unknown key(s) ['scal']; nearest valid key: 'scale'"),
+    # a key another model family has, a downstream key of the other task
+    ("models.Swin-Ti.arch.depth=3", "models.Swin-Ti.arch: unknown key(s) ['depth']; nearest valid key: 'depths'"),
+    ("tiny.recipes.ade20k_upernet.fpn_channels=3",
+     "tiny.recipes.ade20k_upernet: unknown key(s) ['fpn_channels']; nearest valid key: 'channels'"),
+    ("models.DeiT-Ti.arch.pe_method=mpvg", "models.DeiT-Ti.arch.pe_method: not settable in arch: the cell sets "
+     "it (its method and PE overrides: grid variants, method_pe_overrides)"),
+    # wrong values
+    ("recipes.deit.lr=abc", "recipes.deit.lr: expected a number, got 'abc'"),
+    ("scale=huge", "scale: expected one of 'tiny', 'budget', 'paper', got 'huge'; nearest valid value: 'budget'"),
+    ("seeds=[a]", "seeds.0: expected an integer, got 'a'"),
+    ("datasets.imagenet.root=3", "datasets.imagenet.root: expected a string, got 3"),
+    ("grid.0.models=[DeiT-X]", "grid.0.models.0: unknown model 'DeiT-X'; nearest valid model: 'DeiT-S'"),
+    ("grid.0.methods=[Foo]", "grid.0.methods.0: unknown method 'Foo'; valid methods: ['Default', 'LaPE', 'MPVG', 'PVG']"),
+    ("grid.5.variants.x.poool=avg", "grid.5.variants.x: unknown key(s) ['poool']; nearest valid key: 'pool'"),
+    ("tiny.recipes.deit.epochs=0", "tiny.recipes.deit.epochs: 0 is less than the minimum of 1"),
+    ("tiny.recipes.nope.epochs=1", "tiny.recipes.nope: unknown recipe 'nope'; valid recipes: ['ade20k_upernet', "
+     "'ceit', 'coco_maskrcnn', 'deit', 'swin', 't2t', 't2t_c100', 'vit_lite_c100']"),
+    ("tiny.models.DeiT-X.depth=2", "tiny.models.DeiT-X: unknown model 'DeiT-X'; nearest valid model: 'DeiT-S'"),
+    ("recipes.coco_maskrcnn.lr=x", "recipes.coco_maskrcnn.lr: expected a number, got 'x'"),
+    ("recipes.ade20k_upernet.iters=-1", "recipes.ade20k_upernet.iters: -1 is less than the minimum of 1"),
+    ("recipes.deit.randaugment=autoaug", "recipes.deit.randaugment: 'autoaug' does not match '^rand(-[a-z]+[0-9.]*)*$'"),
+    ("grid.2.init_from=xx", "grid.2.init_from: expected one of 'in1k', 'c100', 'coco', 'ade20k', got 'xx'"),
+    ("models.DeiT-Ti.recipe=nope", "models.DeiT-Ti.recipe: unknown recipe 'nope'; valid recipes: ['ade20k_upernet', "
+     "'ceit', 'coco_maskrcnn', 'deit', 'swin', 't2t', 't2t_c100', 'vit_lite_c100']"),
+    ("models.DeiT-Ti.timm=mpvg_deit_tiny", "models.DeiT-Ti.timm: expected one of 'mpvg_ceit_tiny_patch16_224', "
+     "'mpvg_deit_base_patch16_224', 'mpvg_deit_small_patch16_224', 'mpvg_deit_tiny_patch16_224', "
+     "'mpvg_swin_tiny_patch4_window7_224', 'mpvg_t2t_vit_7', 'mpvg_vit_lite_7_4', got 'mpvg_deit_tiny'; "
+     "nearest valid value: 'mpvg_deit_tiny_patch16_224'"),
+    ("recipes.swin.base=nope", "recipes.swin.base: unknown recipe 'nope'; valid recipes: ['ade20k_upernet', "
+     "'ceit', 'coco_maskrcnn', 'deit', 'swin', 't2t', 't2t_c100', 'vit_lite_c100']"),
 ])
-def test_schema_errors_name_the_key(overrides, expected):
-    assert expected in _error(overrides)
+def test_a_bad_set_names_the_key_the_override_and_the_nearest_valid_key(item, message):
+    with pytest.raises(ConfigError) as info:
+        load_params("params.yaml", [item])
+    assert str(info.value) == f"{SET.format(item)}: {message}"
 
 
-def test_error_names_the_file(tmp_path):
-    bad = tmp_path / "p.yaml"
-    bad.write_text(PARAMS.read_text().replace("weight_decay: 0.03", "weight_decay: lots"))
-    with pytest.raises(ConfigError, match=r"p\.yaml: recipes\.t2t\.weight_decay: expected a number"):
+def _line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("    warmup_epochs: 20\n", "    warmup_epoch: 20\n",
+     "recipes.swin: unknown key(s) ['warmup_epoch']; nearest valid key: 'warmup_epochs'"),
+    ("    lr_gamma: 0.1\n", "    lr_gama: 0.1\n",
+     "recipes.coco_maskrcnn: unknown key(s) ['lr_gama']; nearest valid key: 'lr_gamma'"),
+    ("    DeiT-S: {embed_dim: 64,", "    DeiT-S: {embeddim: 64,",
+     "tiny.models.DeiT-S: unknown key(s) ['embeddim']; nearest valid key: 'embed_dim'"),
+    ("    t2t: {base: deit, epochs: 5}\n", "    t2t: {base: deit, epoch: 5}\n",
+     "tiny.recipes.t2t: unknown key(s) ['epoch']; nearest valid key: 'epochs'"),
+    ("scale: tiny\n", "scale: tiny\nsedes: [1]\n", "<top>: unknown key(s) ['sedes']; nearest valid key: 'seeds'"),
+    ("    weight_decay: 0.03\n", "    weight_decay: lots\n", "recipes.t2t.weight_decay: expected a number, got 'lots'"),
+])
+def test_a_typo_in_the_file_names_its_line(tmp_path, old, new, message):
+    text = PARAMS.read_text()
+    assert text.count(old) == 1
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text.replace(old, new))
+    line = _line_of(bad.read_text(), new.strip().split("\n")[-1].split(",")[0])
+    with pytest.raises(ConfigError) as info:
         load_params(bad)
-    with pytest.raises(ConfigError, match="file not found"):
+    assert str(info.value) == f"{bad} (line {line}): {message}"
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"^/.*/missing\.yaml: file not found$"):
         load_params(tmp_path / "missing.yaml")
 
 
+def test_arch_keys_are_the_kwargs_the_model_factories_accept():
+    """config.MODEL_FACTORY_KWARGS (kept torch-free) equals the __init__ signature of the class each
+    registered factory builds (Swin: timm's SwinTransformer, which SwinTransformerPE passes **kwargs to)."""
+    import inspect
+
+    import timm
+    from timm.models.swin_transformer import SwinTransformer
+
+    from mpvg.models.registry import PAPER_MODELS
+
+    tiny = load_params(PARAMS)
+    assert set(config.MODEL_FACTORY_KWARGS) == set(PAPER_MODELS.values())
+    for paper_name, timm_name in PAPER_MODELS.items():
+        model = timm.create_model(timm_name, pe_method="default", **tiny["models"][paper_name]["arch"])
+        params = dict(inspect.signature(type(model).__init__).parameters)
+        params.pop("self")
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            assert type(model).__bases__[0] is SwinTransformer, timm_name
+            params = {**{k: v for k, v in params.items() if k != "kwargs"},
+                      **{k: v for k, v in inspect.signature(SwinTransformer.__init__).parameters.items() if k != "self"}}
+        assert sorted(config.MODEL_FACTORY_KWARGS[timm_name]) == sorted(params), timm_name
+
+
+def test_downstream_defaults_are_recipe_keys():
+    """Every key the downstream engine reads with a default is a typed recipe key (a typo of one of
+    them is an error, the key itself is accepted)."""
+    from mpvg.downstream.engine import DETECTION_DEFAULTS, SEGMENTATION_DEFAULTS
+
+    assert set(DETECTION_DEFAULTS) <= set(config.DETECTION_RECIPE_PROPS)
+    assert set(SEGMENTATION_DEFAULTS) <= set(config.SEGMENTATION_RECIPE_PROPS)
+
+
 def test_last_ln_pe_deeper_than_model_is_rejected():
-    msg = _error(["grid.5.variants.lastpe11.last_ln_pe=12"])
-    assert "in1k-deit_ti-mpvg-lastpe11" in msg and "12 blocks of DeiT-Ti" in msg
+    assert _error(["grid.5.variants.lastpe11.last_ln_pe=12"]) == (
+        f"{PARAMS}: cell in1k-deit_ti-mpvg-lastpe11: last_ln_pe=12 needs more than the 12 blocks of DeiT-Ti "
+        "at scale 'tiny'")
     # a tiny arch too shallow for Table 5 is caught at load time, not at training time
-    assert "last_ln_pe=11" in _error(["tiny.models.DeiT-Ti.depth=4"])
+    assert _error(["tiny.models.DeiT-Ti.depth=4"]) == (
+        f"{PARAMS}: cell in1k-deit_ti-mpvg-lastpe11: last_ln_pe=11 needs more than the 4 blocks of DeiT-Ti "
+        "at scale 'tiny'")
 
 
-def test_downstream_recipes_are_free_form_but_typed():
-    p = load_params(PARAMS, ["recipes.coco_maskrcnn.my_new_knob=3"])
-    assert p["recipes"]["coco_maskrcnn"]["my_new_knob"] == 3
-    assert "recipes.ade20k_upernet.iters" in _error(["recipes.ade20k_upernet.iters=-1"])
+def test_downstream_recipe_keys_are_closed_and_typed():
+    p = load_params(PARAMS, ["recipes.coco_maskrcnn.fpn_channels=128", "recipes.ade20k_upernet.aux_weight=0.2"])
+    assert p["recipes"]["coco_maskrcnn"]["fpn_channels"] == 128 and p["recipes"]["ade20k_upernet"]["aux_weight"] == 0.2
+    with pytest.raises(ConfigError, match=r"^params\.yaml \(--set recipes\.coco_maskrcnn\.my_new_knob=3\): "
+                                          r"recipes\.coco_maskrcnn: unknown key\(s\) \['my_new_knob'\]"):
+        load_params("params.yaml", ["recipes.coco_maskrcnn.my_new_knob=3"])
 
 
 def test_override_forms(tmp_path):
@@ -84,8 +174,9 @@ def test_override_forms(tmp_path):
                              "grid.0.models=[DeiT-Ti, T2T-ViT-7]"])
     assert p["seeds"] == [0, 1, 2] and p["tracking"]["uri"] == "http://x:5000"
     assert not any(c.startswith("in1k-deit_s") for c in expand_cells(p))
-    assert "expected KEY=VALUE" in _error(["scale"])
-    assert "not an index" in _error(["grid.99.models=[DeiT-Ti]"])
+    assert _error(["scale"]) == "override 'scale': expected KEY=VALUE (e.g. scale=paper)"
+    assert _error(["grid.99.models=[DeiT-Ti]"]) == ("override grid.99.models: grid is a list of 11 items; "
+                                                     "'99' is not an index into it")
 
 
 def test_cli_arguments():
@@ -185,12 +276,13 @@ def test_finetune_and_downstream_edges(tiny):
         for task, stage in (("coco", "detect"), ("ade20k", "segment")):
             c = cells[f"{task}-deit_ti-{m}"]
             assert (c.stage, c.dataset, c.init_from) == (stage, task, f"in1k-deit_ti-{m}")
-    assert "which no grid group trains" in _error(["grid.0.models=[DeiT-S]"])
+    assert _error(["grid.0.models=[DeiT-S]"]) == ("params.yaml: cell c100-t2t_vit_7-default starts from "
+                                                  "in1k-t2t_vit_7-default, which no grid group trains")
 
 
 def test_conflicting_duplicate_cell_is_an_error():
     msg = _error({"grid.6.variants": {"": {"hierarchical": False}}})
-    assert "in1k-deit_ti-mpvg is defined twice" in msg
+    assert msg == "params.yaml: grid.6: cell in1k-deit_ti-mpvg is defined twice with different settings"
 
 
 def test_resolve_run(tiny, paper):
@@ -232,7 +324,8 @@ def test_explicit_override_wins_over_the_tiny_block(tiny):
     assert p["models"]["DeiT-S"]["arch"]["depth"] == 2 and p["models"]["DeiT-S"]["arch"]["embed_dim"] == 64
     # tiny.* overrides act through the merge; a late override is validated too
     assert load_params(PARAMS, ["tiny.recipes.deit.epochs=1"])["recipes"]["deit"]["epochs"] == 1
-    assert "recipes.deit.epochs" in _error(["recipes.deit.epochs=zero"])
+    assert _error(["recipes.deit.epochs=zero"]) == (f"{PARAMS} (--set recipes.deit.epochs=zero): "
+                                                    "recipes.deit.epochs: expected an integer, got 'zero'")
 
 
 def test_pe_override_keys_mirror_peconfig():
@@ -250,3 +343,59 @@ def test_override_of_one_recipe_leaves_recipes_sharing_its_yaml_anchor_alone():
     params = load_params(ROOT / "params.yaml", ["tiny.recipes.deit.epochs=2"])
     assert params["recipes"]["deit"]["epochs"] == 2
     assert params["recipes"]["swin"]["epochs"] != 2
+
+
+# --------------------------------------------------------------------------- inheritance
+
+def test_a_recipe_is_its_base_with_its_own_keys(paper, tiny):
+    raw = yaml.safe_load(PARAMS.read_text())
+    assert raw["recipes"]["ceit"] == {"base": "deit", "color_jitter": 0.4}
+    deit, ceit = paper["recipes"]["deit"], paper["recipes"]["ceit"]
+    assert {k: v for k, v in ceit.items() if deit[k] != v} == {"color_jitter": 0.4} and set(ceit) == set(deit)
+    assert "base" not in ceit and "base" not in tiny["recipes"]["swin"]
+    # defaults fill what no recipe in the chain sets; a recipe's own value wins
+    assert deit["clip_grad"] is None and paper["recipes"]["swin"]["clip_grad"] == 5.0
+    assert deit["mean"] == [0.485, 0.456, 0.406] and paper["recipes"]["vit_lite_c100"]["mean"] == [0.5071, 0.4867, 0.4408]
+    # the tiny override is written once: swin at tiny is tiny deit's values over paper swin
+    assert tiny["recipes"]["swin"]["warmup_epochs"] == 1 and tiny["recipes"]["swin"]["sched_per_step"] is True
+    # a value set on the base reaches what inherits it, not what sets its own
+    p = load_params(PARAMS, ["scale=paper", "recipes.deit.weight_decay=0.1"])
+    assert p["recipes"]["ceit"]["weight_decay"] == 0.1 and p["recipes"]["t2t"]["weight_decay"] == 0.03
+
+
+def test_an_explicit_override_of_a_base_key_wins_over_the_tiny_block_where_it_is_inherited():
+    p = load_params(PARAMS, ["recipes.deit.warmup_epochs=3"])
+    assert p["recipes"]["deit"]["warmup_epochs"] == 3 and p["recipes"]["ceit"]["warmup_epochs"] == 3
+    assert p["recipes"]["swin"]["warmup_epochs"] == 1  # swin sets its own (20), the tiny block's wins over it
+    assert load_params(PARAMS, ["recipes.swin.lr=0.002"])["recipes"]["swin"]["lr"] == 0.002  # inherited key, --set
+
+
+@pytest.mark.parametrize("item, message", [
+    ("recipes.deit.base=swin", "params.yaml (line {swin_base}): recipes.swin.base: the base chain loops: deit -> swin -> deit"),
+    ("recipes.coco_maskrcnn.base=deit", "params.yaml (--set recipes.coco_maskrcnn.base=deit): "
+     "recipes.coco_maskrcnn.base: 'deit' is a classification recipe and 'coco_maskrcnn' a detection one: "
+     "a recipe's base must be of its own kind"),
+    ("tiny.recipes.swin.base=nope", "params.yaml (--set tiny.recipes.swin.base=nope): tiny.recipes.swin.base: "
+     "unknown recipe 'nope'; valid recipes: ['ade20k_upernet', 'ceit', 'coco_maskrcnn', 'deit', 'swin', 't2t', "
+     "'t2t_c100', 'vit_lite_c100']"),
+])
+def test_bad_base_chains(item, message):
+    swin_base = _line_of(PARAMS.read_text(), "  swin:") + 1
+    with pytest.raises(ConfigError) as info:
+        load_params("params.yaml", [item])
+    assert str(info.value) == message.format(swin_base=swin_base)
+
+
+def test_a_typo_stops_the_command_line_before_planning():
+    res = subprocess.run([sys.executable, "-m", "mpvg", "workflow", "plan", "--set", "models.DeiT-Ti.arch.embeddim=3"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == ("mpvg: params.yaml (--set models.DeiT-Ti.arch.embeddim=3): models.DeiT-Ti.arch: "
+                          "unknown key(s) ['embeddim']; nearest valid key: 'embed_dim'\n")
+
+
+def test_config_imports_nothing_above_it():
+    code = ("import sys, mpvg.config as c; c.load_params(%r, ['scale=budget']); "
+            "print(sorted(m for m in sys.modules if m.startswith('mpvg')))" % str(PARAMS))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['mpvg',", "'mpvg.config']"]

@@ -43,12 +43,14 @@ def test_fold_gives_same_logits(name, kw):
         ref, out = model(x), folded(x)
         assert not torch.allclose(model.forward_head(model.forward_features(x) - model.last_ln_pe_term()), ref)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"^this model was folded \(fold_last_ln_pe\) at token grid \((\d+), \1\); "
+                                           r"it cannot run at grid \((\d+), \2\)$"):
         folded(torch.randn(1, 3, 2 * s, 2 * s))
 
 
 def test_fold_needs_last_ln_pe():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError,
+                       match=r"^the model has no Last-LN PE \(pe_cfg\.last_ln_pe is None\): nothing to fold$"):
         fold_last_ln_pe(timm.create_model("mpvg_deit_tiny_patch16_224", pe_method="pvg", **TINY))
 
 
@@ -85,7 +87,7 @@ def test_load_same_shape_is_exact_and_strict():
     with torch.no_grad():
         assert torch.equal(src.eval()(x), dst.eval()(x))
     # strict: a Default checkpoint lacks the LN' of MPVG
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: .*\"pe\.last_norm\.weight\""):
         load_checkpoint_into(timm.create_model("mpvg_deit_tiny_patch16_224", pe_method="mpvg", **TINY),
                              timm.create_model("mpvg_deit_tiny_patch16_224", **TINY).state_dict())
 

@@ -287,9 +287,11 @@ def test_arch_overrides_and_other_resolution():
     # a forward at another resolution resamples pos_0 (and the LN' chain follows it)
     with torch.no_grad():
         assert m(torch.randn(1, 3, 64, 64)).shape == (1, 5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^mpvg_deit_tiny_patch16_224: no pretrained weights are registered "
+                                         r"\(nothing is downloaded\); expected pretrained=False\."):
         timm.create_model("mpvg_deit_tiny_patch16_224", pretrained=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError,
+                       match=r"^unknown PE method 'nope'; expected one of \['default', 'lape', 'pvg', 'mpvg'\]$"):
         timm.create_model("mpvg_deit_tiny_patch16_224", pe_method="nope")
 
 

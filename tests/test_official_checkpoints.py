@@ -173,7 +173,8 @@ def test_deit_tiny_official_equals_timm_deit():
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
-    with pytest.raises(ValueError, match="distilled"):
+    with pytest.raises(ValueError, match=r"^a distilled DeiT checkpoint \(dist_token\): "
+                                         r"the paper's DeiT is the non-distilled model"):
         load_official_weights(model, {**sd, "dist_token": torch.zeros(1, 1, 192)})
 
 
@@ -302,18 +303,26 @@ def test_swin_microsoft_layout():
 def test_official_loads_refuse_what_does_not_fit():
     sd = random_state_dict(deit_layout(d=48, depth=2, patch=8, img=32, classes=10))
     kw = dict(embed_dim=48, depth=2, num_heads=2, patch_size=8, img_size=32, num_classes=10)
-    with pytest.raises(ValueError, match="Default"):
+    with pytest.raises(ValueError, match=r"^official deit checkpoints are Default models \(no layer-wise PE\); this "
+                                         r"model has PEConfig\(.*last_ln_pe=0.*\); expected pe_method='default' "
+                                         r"without pe_overrides$"):
         load_official_weights(timm.create_model("mpvg_deit_tiny_patch16_224", pe_method="mpvg", **kw), sd)
-    with pytest.raises(ValueError, match="missing .*'blocks.1.norm1.weight'"):
+    with pytest.raises(ValueError, match=r"^not a facebookresearch/deit .* checkpoint of this model: "
+                                         r"missing \['blocks\.1\.norm1\.weight'\], unexpected \[\], shapes"):
         load_official_weights(timm.create_model("mpvg_deit_tiny_patch16_224", **kw),
                               {k: v for k, v in sd.items() if k != "blocks.1.norm1.weight"})
-    with pytest.raises(ValueError, match="pos_embed"):
+    with pytest.raises(ValueError, match=r"^not a facebookresearch/deit .* checkpoint of this model: missing \[\], "
+                                         r"unexpected \[\], shapes \(checkpoint vs model\) "
+                                         r"\['pos_embed: \(1, 17, 48\) vs \(1, 37, 48\)'\]$"):
         load_official_weights(timm.create_model("mpvg_deit_tiny_patch16_224", **dict(kw, img_size=48)), sd)
-    with pytest.raises(ValueError, match="no official checkpoint layout"):
+    with pytest.raises(ValueError, match=r"^no official checkpoint layout for MPVGVisionTransformer "
+                                         r"\(tokenizer='conv'\); expected DeiT, T2T-ViT, CeiT or Swin$"):
         load_official_weights(timm.create_model("mpvg_vit_lite_7_4"), sd)
     swin = random_state_dict(swin_layout(c=8, depths=(1, 1, 2, 1), heads=(1, 2, 2, 4), window=4, patch=2, img=32))
     kw = dict(embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), patch_size=2, img_size=32)
-    with pytest.raises(ValueError, match="nothing is resampled"):  # window 2 is not the checkpoint's 4
+    # window 2 is not the checkpoint's 4
+    with pytest.raises(ValueError, match=r"^layers\.0\.blocks\.0\.attn\.relative_position_bias_table: checkpoint "
+                                         r"shape \(49, 1\), model \(9, 1\); .*nothing is resampled$"):
         load_official_weights(timm.create_model("mpvg_swin_tiny_patch4_window7_224", window_size=2, **kw), swin)
     sd_swin, report = convert_official_state_dict(
         timm.create_model("mpvg_swin_tiny_patch4_window7_224", window_size=4, **kw), swin)
@@ -387,10 +396,10 @@ def test_eval_weights_refuses_other_cells_and_the_calibration_table(tiny_params,
     assert main(["eval", "--params", str(tiny_params), "--cell", "in1k-deit_ti-mpvg", "--weights", str(weights),
                  "--workers", "0"]) == 2
     assert "Default" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # --checkpoint and --weights exclude each other
+    with pytest.raises(SystemExit, match="^2$"):  # --checkpoint and --weights exclude each other
         main(["eval", "--params", str(tiny_params), "--cell", "in1k-deit_ti-default", "--checkpoint", str(weights),
               "--weights", str(weights)])
-    capsys.readouterr()
+    assert "argument --weights: not allowed with argument --checkpoint" in capsys.readouterr().err
     params = load_params(tiny_params)
     runs = Path(params["paths"]["runs"])
     empty = build_calibration_table(expand_cells(params), tiny_params.parent / "nothing", params)

@@ -264,7 +264,7 @@ def test_dvc_yaml_check_detects_a_stale_file(workdir):
 
 @pytest.mark.parametrize("edit, needle", [
     (lambda p: p["grid"][0]["models"].append("DeiT-XL"), "unknown model 'DeiT-XL'"),
-    (lambda p: p["grid"][1]["methods"].append("MPVG2"), "unknown method 'MPVG2'"),
+    (lambda p: p["grid"][1].setdefault("methods", ["MPVG"]).append("MPVG2"), "unknown method 'MPVG2'"),
 ])
 @pytest.mark.slurm
 def test_bad_params_stop_before_any_job(slurm_cluster, workdir, edit, needle):

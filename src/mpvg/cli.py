@@ -72,7 +72,26 @@ def _run(argv: list[str]) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if os.environ.get("DVC_STAGE") and hasattr(args, "params"):
+        problem = _stale_under_dvc(args)
+        if problem:
+            print(f"mpvg {args.command}: {problem}", file=sys.stderr)
+            return 2
     return int(args.func(args) or 0)
+
+
+def _stale_under_dvc(args: argparse.Namespace) -> str | None:
+    """Under DVC (a stage's command), whether dvc.yaml still matches params.yaml: a stage run from
+    a stale dvc.yaml stops with what to run instead (mpvg.workflow.dvcyaml). Here, at the command
+    line, because mpvg.config imports nothing above it."""
+    from mpvg.config import ConfigError, params_from_args
+    from mpvg.workflow.dvcyaml import stale_under_dvc
+
+    try:
+        params = params_from_args(args)
+    except ConfigError:
+        return None  # the command itself reports it
+    return stale_under_dvc(args.params, list(args.overrides or []), params)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,8 @@ CLASSIFICATION_RECIPE_PROPS = {
     "scale": _PAIR, "hflip": _PROB,
     "interpolation": {"enum": ["bilinear", "bicubic", "nearest"]},
     "train_interpolation": {"enum": ["bilinear", "bicubic", "nearest", "random"]},
-    "mean": _TRIPLE, "std": _TRIPLE,
+    "mean": {"anyOf": [_TRIPLE, {"enum": ["imagenet", "cifar100", "cifar10"]}]},
+    "std": {"anyOf": [_TRIPLE, {"enum": ["imagenet", "cifar100", "cifar10"]}]},
     "transform": {"enum": ["timm", "resize_pad_crop"]},
     "backbone_lr_ratio": _NNUM, "amp": _BOOL, "workers": _NN_INT,
     # optional: the original DeiT/CeiT/T2T code keep a weight EMA (decay 0.99996) besides
@@ -87,53 +88,138 @@ _ADAPTER = _obj({"conv_inplane": _POS_INT, "n_points": _POS_INT, "deform_num_hea
                  "interaction_indexes": {"type": "array", "items": {
                      "type": "array", "items": _NN_INT, "minItems": 2, "maxItems": 2}}})
 _DOWNSTREAM_COMMON = {
-    "framework": _STR, "backbone": _STR, "optimizer": {"enum": ["adamw", "sgd"]},
+    "framework": _STR, "backbone": {"enum": ["vit_adapter"]}, "optimizer": {"enum": ["adamw", "sgd"]},
     "lr": _NNUM, "weight_decay": _NNUM, "batch_size": _POS_INT, "warmup_iters": _NN_INT,
     "warmup_ratio": _NNUM, "crop_size": _POS_INT, "drop_path": _PROB, "clip_grad": _OPT_NUM,
     "layer_decay": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
     "amp": _BOOL, "workers": _NN_INT, "adapter": _ADAPTER,
+    # the keys below take their ViT-Adapter / MMDetection / MMSegmentation value when absent
+    # (mpvg.downstream.engine DETECTION_DEFAULTS, SEGMENTATION_DEFAULTS; a test checks the lists)
+    "betas": _PAIR, "window_size": _POS_INT, "layer_scale": _BOOL,
+    "window_attn": {"type": ["array", "null"], "items": _BOOL}, "checkpoint_interval": _NN_INT,
 }
-# Downstream recipes: the keys used here are typed; the downstream code may add its own
-# (free-form), but they must still be plain scalars/lists/maps.
+_OPT_POS_INTS = {"type": ["array", "null"], "items": _POS_INT}
+_OPT_POS_INT = {"type": ["integer", "null"], "minimum": 1}
+# Every key of a downstream recipe, typed: a typo is an error, never a silently unused value.
 DETECTION_RECIPE_PROPS = {
     **_DOWNSTREAM_COMMON, "framework": {"enum": ["mask_rcnn"]}, "epochs": _POS_INT,
     "lr_steps": {"type": "array", "items": _POS_INT}, "lr_gamma": _NNUM,
     "no_decay_keys": {"type": "array", "items": _STR},
     "train_short_sides": {"type": "array", "items": _POS_INT, "minItems": 1},
     "max_size": _POS_INT, "test_short_side": _POS_INT,
+    "crop_branch_sides": _OPT_POS_INTS, "crop_branch_range": _OPT_POS_INTS,
+    "fpn_channels": _POS_INT, "box_fc_dim": _POS_INT, "mask_head_dim": _POS_INT, "eval_interval_epochs": _NN_INT,
 }
 SEGMENTATION_RECIPE_PROPS = {
     **_DOWNSTREAM_COMMON, "framework": {"enum": ["upernet"]}, "iters": _POS_INT,
-    "sched": {"enum": ["poly"]}, "poly_power": _NNUM, "min_lr": _NNUM, "betas": _PAIR,
+    "sched": {"enum": ["poly"]}, "poly_power": _NNUM, "min_lr": _NNUM,
     "img_scale": _PAIR, "ratio_range": _PAIR, "cat_max_ratio": _PROB,
+    "test_mode": {"enum": ["slide"]},  # the one inference implemented: sliding windows (test_crop, test_stride)
+    "test_crop": _OPT_POS_INT, "test_stride": _OPT_POS_INT,
+    "channels": _POS_INT, "aux_channels": _POS_INT, "aux_weight": _NNUM, "photometric": _BOOL,
+    "eval_interval": _NN_INT,
 }
-_FREE = {"type": ["number", "string", "boolean", "null", "array", "object"]}
+RECIPE_PROPS = {"classification": CLASSIFICATION_RECIPE_PROPS, "detection": DETECTION_RECIPE_PROPS,
+                "segmentation": SEGMENTATION_RECIPE_PROPS}
+# The keys every resolved recipe of a kind has (after `base` and RECIPE_DEFAULTS).
+RECIPE_REQUIRED = {
+    "classification": tuple(k for k in CLASSIFICATION_RECIPE_PROPS if k not in OPTIONAL_RECIPE_KEYS),
+    "detection": ("framework", "lr", "weight_decay", "batch_size", "epochs"),
+    "segmentation": ("framework", "lr", "weight_decay", "batch_size", "iters"),
+}
+# Optional keys: the value a recipe gets when neither it nor its base chain sets the key.
+# Classification: what all six paper recipes share, each timm train.py's default too (AdamW eps,
+# SGD momentum, cosine schedule, Mixup/CutMix switching, random erasing, flip), and no gradient
+# clipping. Downstream: the ViT-Adapter-Ti adapter and no-decay parameters of both ViT-Adapter
+# configs (AdamW, its betas, the no-decay parameters, poly schedule for UperNet), no clipping, no
+# layer-wise lr decay. docs/config.md lists them.
+_ADAPTER_TI = {"conv_inplane": 64, "n_points": 4, "deform_num_heads": 6, "cffn_ratio": 0.25, "deform_ratio": 1.0,
+               "interaction_indexes": [[0, 2], [3, 5], [6, 8], [9, 11]]}
+RECIPE_DEFAULTS = {
+    "classification": {"opt_eps": 1.0e-8, "momentum": 0.9, "sched": "cosine", "mixup_prob": 1.0,
+                       "mixup_switch_prob": 0.5, "mixup_mode": "batch", "remode": "pixel", "recount": 1,
+                       "hflip": 0.5, "clip_grad": None, "scale": [0.08, 1.0], "mean": "imagenet", "std": "imagenet",
+                       # features off unless a recipe turns them on
+                       "transform": "timm", "backbone_lr_ratio": 1.0, "scale_min_warmup_lr": False,
+                       "sched_per_step": False},
+    "detection": {"backbone": "vit_adapter", "optimizer": "adamw", "clip_grad": None, "layer_decay": None,
+                  "adapter": _ADAPTER_TI, "no_decay_keys": ["level_embed", "pos_embed", "norm", "bias"]},
+    "segmentation": {"backbone": "vit_adapter", "optimizer": "adamw", "clip_grad": None, "layer_decay": None,
+                     "adapter": _ADAPTER_TI, "betas": [0.9, 0.999], "sched": "poly",
+                     "poly_power": 1.0, "test_mode": "slide"},
+}
+# Image normalisation by name (a recipe's mean/std may name one): ImageNet's (timm), CIFAR-100's
+# (Compact-Transformers) and CIFAR-10's (T2T-ViT's transfer_learning.py uses these on CIFAR-100).
+NORMALIZATION = {
+    "imagenet": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "cifar100": {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]},
+    "cifar10": {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]},
+}
+# A grid group's dataset when it names none: its task's.
+TASK_DATASET = {"in1k": "imagenet", "c100": "cifar100", "coco": "coco", "ade20k": "ade20k"}
+# Grid group keys that take one name or a list of names.
+_GROUP_LISTS = ("tables", "models", "methods")
+#: A recipe names the recipe it starts from (``base: deit``); a scale block's recipe entry names
+#: the entry of the same block it starts from (docs/config.md, "Recipe inheritance").
+BASE = "base"
+
+# create_model keyword arguments of each registered mpvg model: the model class's __init__ (Swin:
+# timm's SwinTransformer, to which SwinTransformerPE passes **kwargs). A checked list, so that
+# loading params.yaml imports no torch: tests/test_config.py proves each equals the signature of
+# the class its factory builds.
+_VIT_KWARGS = ("attn_drop_rate", "block", "depth", "drop_path_rate", "drop_rate", "embed_dim", "global_pool",
+               "img_size", "in_chans", "init_style", "mlp_ratio", "norm_layer", "num_classes", "num_heads",
+               "patch_size", "pe_method", "pe_overrides", "pos_drop_rate", "pos_embed_type", "proj_drop_rate",
+               "qk_scale", "qkv_bias", "t2t_drop", "t2t_kernel_ratio", "token_dim", "tokenizer")
+_SWIN_KWARGS = ("always_partition", "attn_drop_rate", "depths", "device", "drop_path_rate", "drop_rate", "dtype",
+                "dynamic_img_size", "embed_dim", "embed_layer", "global_pool", "head_dim", "img_size", "in_chans",
+                "mlp_ratio", "norm_layer", "num_classes", "num_heads", "patch_size", "pe_method", "pe_overrides",
+                "proj_drop_rate", "qkv_bias", "strict_img_size", "weight_init", "window_size")
+_CEIT_KWARGS = ("attn_drop_rate", "class_token", "depth", "drop_path_rate", "drop_rate", "embed_dim", "global_pool",
+                "img_size", "in_chans", "leff_kernel_size", "mlp_ratio", "norm_layer", "num_classes", "num_heads",
+                "patch_size", "pe_method", "pe_overrides", "pos_drop_rate", "proj_drop_rate", "qkv_bias",
+                "stem_chans")
+MODEL_FACTORY_KWARGS: dict[str, tuple] = {
+    "mpvg_deit_tiny_patch16_224": _VIT_KWARGS, "mpvg_deit_small_patch16_224": _VIT_KWARGS,
+    "mpvg_deit_base_patch16_224": _VIT_KWARGS, "mpvg_t2t_vit_7": _VIT_KWARGS, "mpvg_vit_lite_7_4": _VIT_KWARGS,
+    "mpvg_swin_tiny_patch4_window7_224": _SWIN_KWARGS, "mpvg_ceit_tiny_patch16_224": _CEIT_KWARGS,
+}
+# Factory kwargs an arch block may not set: the cell sets the PE (method and overrides), and a
+# layer class or a device is no setting (YAML cannot hold one).
+ARCH_NOT_SETTABLE = frozenset({"pe_method", "pe_overrides", "norm_layer", "embed_layer", "device", "dtype"})
+_INTS = {"type": ["integer", "array"], "minimum": 1, "items": _POS_INT}
+_ARCH_TYPES = {
+    "embed_dim": _POS_INT, "depth": _POS_INT, "num_heads": _INTS, "patch_size": _POS_INT, "window_size": _INTS,
+    "depths": {"type": "array", "items": _POS_INT, "minItems": 1}, "token_dim": _POS_INT, "img_size": _INTS,
+    "in_chans": _POS_INT, "num_classes": _NN_INT, "stem_chans": _POS_INT, "leff_kernel_size": _POS_INT,
+    "head_dim": _OPT_POS_INT, "mlp_ratio": _NNUM, "qkv_bias": _BOOL, "class_token": _BOOL, "global_pool": _STR,
+    "attn_drop_rate": _PROB, "drop_path_rate": _PROB, "drop_rate": _PROB, "pos_drop_rate": _PROB,
+    "proj_drop_rate": _PROB, "t2t_drop": _PROB, "t2t_kernel_ratio": _NNUM, "qk_scale": {"type": ["number", "null"]},
+}
+_ANY = {"type": ["number", "string", "boolean", "null", "array", "object"]}
 
 
-def _recipe_schema(props: dict, partial: bool, free: bool) -> dict:
-    required = () if partial else [k for k in props if k not in OPTIONAL_RECIPE_KEYS]
-    return _obj(props, required, _FREE if free else False)
+def arch_keys(timm_name: str) -> list[str]:
+    """The ``arch`` keys (create_model kwargs) model ``timm_name`` accepts, sorted."""
+    return sorted(set(MODEL_FACTORY_KWARGS[timm_name]) - ARCH_NOT_SETTABLE)
+
+
+def _arch_schema(timm_name: str) -> dict:
+    return _obj({k: _ARCH_TYPES.get(k, _ANY) for k in arch_keys(timm_name)})
 
 
 def _recipe_kind(recipe: Mapping) -> str:
-    """Which recipe family a block belongs to, from its framework key."""
-    fw = recipe.get("framework")
-    if fw == "mask_rcnn":
-        return "detection"
-    if fw == "upernet":
-        return "segmentation"
-    return CLASSIFICATION_RECIPES_KIND
+    """Which recipe family a (resolved) recipe belongs to, from its framework key."""
+    return {"mask_rcnn": "detection", "upernet": "segmentation"}.get(recipe.get("framework"),
+                                                                    CLASSIFICATION_RECIPES_KIND)
 
 
-def _recipe_schema_for(recipe: Mapping, partial: bool) -> dict:
-    kind = _recipe_kind(recipe)
-    if kind == "detection":
-        return _recipe_schema(DETECTION_RECIPE_PROPS, partial=True, free=True) | (
-            {} if partial else {"required": ["framework", "lr", "weight_decay", "batch_size", "epochs"]})
-    if kind == "segmentation":
-        return _recipe_schema(SEGMENTATION_RECIPE_PROPS, partial=True, free=True) | (
-            {} if partial else {"required": ["framework", "lr", "weight_decay", "batch_size", "iters"]})
-    return _recipe_schema(CLASSIFICATION_RECIPE_PROPS, partial, free=False)
+def _recipe_schema(kind: str, full: bool) -> dict:
+    """A recipe of ``kind``: every key typed, none other; ``full``: resolved, the required keys
+    present; else a raw entry (params.yaml's own keys, a scale block's overrides) that may name a base."""
+    if full:
+        return _obj(RECIPE_PROPS[kind], RECIPE_REQUIRED[kind])
+    return _obj({**RECIPE_PROPS[kind], BASE: _STR})
 
 
 # classes: an ImageNet class subset read from the full folders (a packaged list's name, e.g.
@@ -144,11 +230,11 @@ _DATASET = _obj({"root": _STR, "num_classes": _POS_INT, "classes": _CLASSES}, ["
 _CELL_PATTERNS = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
 _SCALE_BLOCK = _obj({
     "datasets": _obj({d: _obj({"root": _STR, "num_classes": _POS_INT, "classes": _CLASSES}) for d in DATASETS}),
-    "recipes": {"type": "object", "additionalProperties": {"type": "object"}},
-    "models": {"type": "object", "additionalProperties": {"type": "object"}},
+    "recipes": {"type": "object", "additionalProperties": {"type": "object"}},  # checked per recipe
+    "models": {"type": "object", "additionalProperties": {"type": "object"}},   # arch keys, checked per model
     "cells": _CELL_PATTERNS,
 })
-_MODEL = _obj({"timm": {"type": "string", "pattern": "^[a-z0-9_]+$"}, "depth": _POS_INT,
+_MODEL = _obj({"timm": {"enum": sorted(MODEL_FACTORY_KWARGS)}, "depth": _POS_INT,
                "recipe": _STR, "arch": {"type": "object"},
                "method_pe_overrides": _obj({m: _PE_OVERRIDES for m in PAPER_METHODS})},
               ["timm", "depth", "recipe"])
@@ -193,32 +279,97 @@ def _describe(schema: dict) -> str:
     return names.get(t, "a valid value")
 
 
-def _format_error(err, where: str, prefix: tuple = ()) -> str:
-    path = ".".join(str(p) for p in (*prefix, *err.absolute_path)) or "<top>"
+def nearest(word: str, choices: Iterable[str], what: str = "key") -> str:
+    """``"; nearest valid key: 'lr_gamma'"`` (difflib), or the valid ones when none is close."""
+    import difflib
+
+    choices = sorted(str(c) for c in choices)
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    if close:
+        return f"; nearest valid {what}: {close[0]!r}"
+    return f"; valid {what}s: {choices}" if choices else ""
+
+
+def _unknown(what: str, name: str, choices: Iterable[str]) -> str:
+    return f"unknown {what} {name!r}" + nearest(name, choices, what)
+
+
+class _Origin:
+    """Where a key of the (overridden) params came from: a ``--set`` override, or a line of the
+    file (found by composing the YAML again, only when there is an error to report)."""
+
+    def __init__(self, where: str, text: str = "", overrides: Mapping[str, str] | None = None):
+        self.where, self.text, self.overrides = where, text, dict(overrides or {})
+
+    def __call__(self, path: tuple) -> str:
+        path = tuple(str(p) for p in path)
+        for key in sorted(self.overrides, key=lambda k: -len(k.split("."))):
+            parts = tuple(key.split("."))
+            if path[:len(parts)] == parts:
+                return f"{self.where} ({self.overrides[key]})"
+        line, found = self._line(path)
+        if not found:  # not in the file: an override that made it (``--set tiny.recipes.nope.epochs=1``)
+            for key in self.overrides:
+                if tuple(key.split("."))[:len(path)] == path:
+                    return f"{self.where} ({self.overrides[key]})"
+        return f"{self.where} (line {line})" if line else self.where
+
+    def _line(self, path: tuple) -> tuple[int | None, bool]:
+        """The line of the deepest key of ``path`` in the file, and whether all of it is there."""
+        import yaml
+
+        try:
+            node = yaml.compose(self.text)
+        except yaml.YAMLError:
+            return None, False
+        line = None
+        for part in path:
+            if isinstance(node, yaml.MappingNode):
+                match = next(((k, v) for k, v in node.value if str(k.value) == part), None)
+                if match is None:
+                    return line, False
+                line, node = match[0].start_mark.line + 1, match[1]
+            elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+                node = node.value[int(part)]
+                line = node.start_mark.line + 1
+            else:
+                return line, False
+        return line, True
+
+    def error(self, path: tuple, text: str) -> ConfigError:
+        dotted = ".".join(str(p) for p in path) or "<top>"
+        return ConfigError(f"{self(path)}: {dotted}: {text}")
+
+
+def _validate(instance, schema: dict, origin: _Origin, prefix: tuple = ()) -> None:
+    import jsonschema  # lazy: keeps `import mpvg.config` light
+
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(instance))
+    if not errors:
+        return
+    # the deepest error is the most specific one for the user
+    err = max(errors, key=lambda e: (len(e.absolute_path), [str(p) for p in e.absolute_path]))
+    path = (*prefix, *err.absolute_path)
     v = err.validator
     if v == "additionalProperties":
         allowed = sorted(err.schema.get("properties", {}))
-        extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
-        return (f"{where}: {path}: unknown key(s) {extra}; "
-                f"expected some of {allowed}" if allowed else f"{where}: {path}: unknown key(s) {extra}")
+        extra = sorted(set(err.instance) - set(allowed))
+        raise ConfigError(f"{origin((*path, extra[0]))}: {'.'.join(map(str, path)) or '<top>'}: "
+                          f"unknown key(s) {extra}{nearest(extra[0], allowed)}")
     if v == "required":
-        return f"{where}: {path}: {err.message}"
-    if v in ("type", "enum"):
-        return f"{where}: {path}: expected {_describe(err.schema)}, got {err.instance!r}"
-    if v == "propertyNames":
-        return f"{where}: {path}: bad name {err.instance!r}: {err.message}"
-    return f"{where}: {path}: {err.message}"
-
-
-def _validate(instance, schema: dict, where: str, prefix: tuple = ()) -> None:
-    import jsonschema  # lazy: keeps `import mpvg.config` light
-
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
-    if errors:
-        # the deepest error is the most specific one for the user
-        err = max(errors, key=lambda e: len(e.absolute_path))
-        raise ConfigError(_format_error(err, where, prefix))
+        text = err.message
+    elif v == "enum":
+        text = f"expected {_describe(err.schema)}, got {err.instance!r}"
+        if isinstance(err.instance, str):
+            close = nearest(err.instance, map(str, err.schema["enum"]))
+            text += close.replace("valid key", "valid value") if "nearest" in close else ""
+    elif v == "type":
+        text = f"expected {_describe(err.schema)}, got {err.instance!r}"
+    elif v == "propertyNames":
+        text = f"bad name {err.instance!r}: {err.message}"
+    else:
+        text = err.message
+    raise origin.error(path, text)
 
 
 # --------------------------------------------------------------------------- loading
@@ -238,18 +389,20 @@ def _parse_value(text: str):
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def _normalize_overrides(overrides) -> dict:
+def _normalize_overrides(overrides) -> tuple[dict, dict]:
+    """``({dotted key: value}, {dotted key: how it was given})`` of ``--set`` strings or a dict."""
     if overrides is None:
-        return {}
+        return {}, {}
     if isinstance(overrides, Mapping):
-        return dict(overrides)
-    out = {}
+        return dict(overrides), {k: f"override {k}={v!r}" for k, v in overrides.items()}
+    out, shown = {}, {}
     for item in overrides:
         key, sep, value = str(item).partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. scale=paper)")
         out[key.strip()] = _parse_value(value.strip())
-    return out
+        shown[key.strip()] = f"--set {item}"
+    return out, shown
 
 
 def set_dotted(data: dict, dotted: str, value) -> None:
@@ -301,16 +454,18 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | list[str] | 
     """Read, override, validate and resolve params.yaml into a plain dict.
 
     ``overrides``: a dict of dotted keys (``{"recipes.deit.lr": 1e-3}``) or ``KEY=VALUE``
-    strings whose values are parsed as YAML (``["scale=paper", "seeds=[0,1]"]``).  The
-    returned dict has the scale's block (``tiny`` or ``budget``) merged in when ``scale`` is
-    one of those (both blocks are removed).
+    strings whose values are parsed as YAML (``["scale=paper", "seeds=[0,1]"]``).  Every key is
+    checked (a typo names the key, its params.yaml line or ``--set``, and the nearest valid key).
+    The returned dict has each recipe's ``base`` chain and the scale's block (``tiny`` or
+    ``budget``) resolved (docs/config.md): both blocks and every ``base`` key are removed.
     """
     import yaml
 
     path = Path(path)
     where = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{where}: file not found") from None
     except yaml.YAMLError as exc:
@@ -320,30 +475,25 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | list[str] | 
     # YAML aliases (``*tiny_cls``) load as one shared dict: copy so that an override of one
     # recipe does not change every recipe that shares the anchor.
     raw = _unshared(raw)
-    overrides = _normalize_overrides(overrides)
+    overrides, shown = _normalize_overrides(overrides)
     for key, value in overrides.items():
         set_dotted(raw, key, value)
-    params = validate_params(raw, where)
-    # An explicit override wins over the scale's value (``--set recipes.deit.epochs=2`` at
-    # scale tiny means 2, not the tiny block's value), so re-apply it after resolution.
-    late = {k: v for k, v in overrides.items()
-            if k != "scale" and k.split(".")[0] not in SCALE_BLOCKS}
-    if late and raw["scale"] in SCALE_BLOCKS:
-        for key, value in late.items():
-            set_dotted(params, key, copy.deepcopy(value))
-        _check(params, where)
-    return params
+    return validate_params(raw, where, _Origin(where, text, shown), overrides)
 
 
-def validate_params(raw: dict, where: str = "params.yaml") -> dict:
-    """Validate an unresolved params dict and return it resolved (see :func:`load_params`)."""
-    _check(raw, where)
+def validate_params(raw: dict, where: str = "params.yaml", origin: _Origin | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> dict:
+    """Validate an unresolved params dict (``overrides`` already applied) and return it resolved
+    (see :func:`load_params`)."""
+    origin = origin or _Origin(where)
+    _complete_grid(raw)
+    _check_raw(raw, origin)
     block = raw.get(raw["scale"], {}) if raw["scale"] in SCALE_BLOCKS else {}
     params = copy.deepcopy(raw)
     for name in SCALE_BLOCKS:
         params.pop(name, None)
     params["datasets"] = deep_merge(params["datasets"], block.get("datasets", {}))
-    params["recipes"] = deep_merge(params["recipes"], block.get("recipes", {}))
+    params["recipes"] = {name: resolve_recipe(raw, name) for name in raw["recipes"]}
     for name, arch in block.get("models", {}).items():
         params["models"][name]["arch"] = deep_merge(params["models"][name].get("arch", {}), arch)
     if "cells" in block:
@@ -351,42 +501,161 @@ def validate_params(raw: dict, where: str = "params.yaml") -> dict:
     for model in params["models"].values():
         model.setdefault("arch", {})
         model.setdefault("method_pe_overrides", {})
-    _check(params, where)
+    # An explicit override wins over the scale's value (``--set recipes.deit.epochs=2`` at scale
+    # tiny means 2, not the tiny block's value, for deit and every recipe that inherits deit's
+    # epochs), so it is applied again after resolution.
+    late = {k: v for k, v in (overrides or {}).items() if k != "scale" and k.split(".")[0] not in SCALE_BLOCKS}
+    if late and block:
+        for key, value in late.items():
+            for target in _late_targets(raw, key):
+                set_dotted(params, target, copy.deepcopy(value))
+    _check_resolved(params, origin)
     return params
 
 
-def _check(raw: dict, where: str) -> None:
-    """Schema, cross-references and the cells of a params dict (resolved or not)."""
-    _validate(raw, SCHEMA, where)
-    for name, recipe in raw["recipes"].items():
-        _validate(recipe, _recipe_schema_for(recipe, partial=False), where, ("recipes", name))
+def _complete_grid(raw: dict) -> None:
+    """A grid group's one name where a list is expected becomes a list; a group without a stage
+    trains, one without a dataset reads its task's (TASK_DATASET), one without methods runs all four."""
+    for group in raw.get("grid") or []:
+        if not isinstance(group, dict):
+            continue
+        for key in _GROUP_LISTS:
+            if isinstance(group.get(key), str):
+                group[key] = [group[key]]
+        group.setdefault("stage", "train")
+        group.setdefault("methods", list(PAPER_METHODS))
+        if "dataset" not in group and group.get("task") in TASK_DATASET:
+            group["dataset"] = TASK_DATASET[group["task"]]
+
+
+def recipe_chain(recipes: Mapping[str, Mapping], name: str, section: str = "recipes",
+                 origin: _Origin | None = None) -> list[str]:
+    """``[root, ..., name]``: the ``base`` chain of entry ``name`` of ``recipes`` (params.yaml's
+    recipes, or a scale block's recipe entries, ``section`` naming which)."""
+    origin = origin or _Origin("params.yaml")
+    chain = [name]
+    while BASE in recipes[chain[-1]]:
+        base = recipes[chain[-1]][BASE]
+        if base not in recipes:
+            raise origin.error((*section.split("."), chain[-1], BASE), _unknown("recipe", base, recipes))
+        if base in chain:
+            raise origin.error((*section.split("."), chain[-1], BASE),
+                               "the base chain loops: " + " -> ".join([*chain, base]))
+        chain.append(base)
+    return chain[::-1]
+
+
+def _inherit(recipes: Mapping[str, Mapping], name: str, section: str, origin: _Origin | None = None) -> dict:
+    out: dict = {}
+    for entry in recipe_chain(recipes, name, section, origin):
+        out = deep_merge(out, {k: v for k, v in recipes[entry].items() if k != BASE})
+    return out
+
+
+def resolve_recipe(raw: Mapping, name: str, origin: _Origin | None = None) -> dict:
+    """Recipe ``name`` of the unresolved params ``raw``: its kind's defaults, then its ``base``
+    chain root first, then the scale block's entry for it (with that entry's own ``base`` chain)."""
+    recipe = _inherit(raw["recipes"], name, "recipes", origin)
+    block = raw.get(raw["scale"], {}) if raw["scale"] in SCALE_BLOCKS else {}
+    if name in block.get("recipes", {}):
+        recipe = deep_merge(recipe, _inherit(block["recipes"], name, f"{raw['scale']}.recipes", origin))
+    recipe = deep_merge(RECIPE_DEFAULTS[_recipe_kind(recipe)], recipe)
+    for key in ("mean", "std"):
+        if isinstance(recipe.get(key), str) and recipe[key] in NORMALIZATION:
+            recipe[key] = list(NORMALIZATION[recipe[key]][key])
+    return recipe
+
+
+def _late_targets(raw: Mapping, key: str) -> list[str]:
+    """Where an explicit override ``key`` applies in the resolved params: a recipe key also in
+    every recipe that inherits it (no recipe between them in the chain sets it)."""
+    parts = key.split(".")
+    if parts[0] != "recipes":
+        return [key]
+    if len(parts) < 3 or parts[1] not in raw["recipes"]:
+        return []  # a whole recipe (or all of them) set: resolved from the overridden file as written
+    if parts[2] == BASE:
+        return []  # the chain itself: already resolved
+    name, leaf, rest = parts[1], parts[2], parts[3:]
+    recipes = raw["recipes"]
+    out = []
+    for other in recipes:
+        chain = recipe_chain(recipes, other)
+        if name in chain and not any(leaf in recipes[c] for c in chain[chain.index(name) + 1:]):
+            out.append(".".join(["recipes", other, leaf, *rest]))
+    return out
+
+
+def _check_raw(raw: dict, origin: _Origin) -> None:
+    """Every key of the unresolved params, where it is written (so an error names its line)."""
+    _validate(raw, SCHEMA, origin)
+    recipes, models = raw["recipes"], raw["models"]
+    kinds = {name: _recipe_kind(_inherit(recipes, name, "recipes", origin)) for name in recipes}
+    for name in recipes:
+        _same_kind(recipe_chain(recipes, name), kinds, origin, ("recipes", name, BASE))
+        _validate(recipes[name], _recipe_schema(kinds[name], full=False), origin, ("recipes", name))
+    for name, model in models.items():
+        _check_arch(model.get("arch", {}), model["timm"], origin, ("models", name, "arch"))
+        if model["recipe"] not in recipes:
+            raise origin.error(("models", name, "recipe"), _unknown("recipe", model["recipe"], recipes))
     for scale in SCALE_BLOCKS:
         block = raw.get(scale, {})
-        for name, recipe in block.get("recipes", {}).items():
-            if name not in raw["recipes"]:
-                raise ConfigError(f"{where}: {scale}.recipes.{name}: unknown recipe; expected one of "
-                                  f"{sorted(raw['recipes'])}")
-            _validate(recipe, _recipe_schema_for(raw["recipes"][name], partial=True), where,
-                      (scale, "recipes", name))
-        for name in block.get("models", {}):
-            if name not in raw["models"]:
-                raise ConfigError(f"{where}: {scale}.models.{name}: unknown model; expected one of "
-                                  f"{sorted(raw['models'])}")
+        entries = block.get("recipes", {})
+        for name, entry in entries.items():
+            if name not in recipes:
+                raise origin.error((scale, "recipes", name), _unknown("recipe", name, recipes))
+            _validate(entry, _recipe_schema(kinds[name], full=False), origin, (scale, "recipes", name))
+        for name in entries:
+            _same_kind(recipe_chain(entries, name, f"{scale}.recipes", origin), kinds, origin,
+                       (scale, "recipes", name, BASE))
+        for name, arch in block.get("models", {}).items():
+            if name not in models:
+                raise origin.error((scale, "models", name), _unknown("model", name, models))
+            _check_arch(arch, models[name]["timm"], origin, (scale, "models", name))
         for name, ds in block.get("datasets", {}).items():  # a block's subset, with the values it inherits
             if ds.get("classes") is not None:
-                _check_classes({**raw["datasets"][name], **ds}, f"{where}: {scale}.datasets.{name}", name)
-    for name, ds in raw["datasets"].items():
-        _check_classes(ds, f"{where}: datasets.{name}", name)
-    for name, model in raw["models"].items():
-        if model["recipe"] not in raw["recipes"]:
-            raise ConfigError(f"{where}: models.{name}.recipe: unknown recipe {model['recipe']!r}; "
-                              f"expected one of {sorted(raw['recipes'])}")
+                _check_classes({**raw["datasets"][name], **ds}, f"{origin.where}: {scale}.datasets.{name}", name)
+    for name in recipes:
+        _validate(resolve_recipe(raw, name, origin), _recipe_schema(kinds[name], full=True), origin,
+                  ("recipes", name))
     for i, group in enumerate(raw["grid"]):
-        _check_group(raw, group, f"{where}: grid.{i}")
-    expand_cells({**raw, "cells": None})  # id clashes, init_from edges of the whole grid
-    # the cells that run (the active scale's `cells` patterns are checked once merged in): PE depth
-    for cell in expand_cells(raw).values():
-        _check_depth(raw, cell, where)
+        _check_group(raw, group, origin, ("grid", i))
+
+
+def _same_kind(chain: list, kinds: Mapping[str, str], origin: _Origin, path: tuple) -> None:
+    """A base chain stays within one kind (classification, detection, segmentation)."""
+    for base, name in zip(chain, chain[1:]):
+        if kinds[base] != kinds[name]:
+            raise origin.error(path, f"{base!r} is a {kinds[base]} recipe and {name!r} a {kinds[name]} one: "
+                                     "a recipe's base must be of its own kind")
+
+
+def _check_arch(arch: Mapping, timm_name: str, origin: _Origin, path: tuple) -> None:
+    """An arch block: create_model kwargs the model's factory accepts, typed."""
+    for key in arch:
+        if key in ARCH_NOT_SETTABLE:
+            why = ("the cell sets it (its method and PE overrides: grid variants, method_pe_overrides)"
+                   if key.startswith("pe_") else "a Python object, not a setting")
+            raise origin.error((*path, key), f"not settable in arch: {why}")
+    _validate(arch, _arch_schema(timm_name), origin, path)
+
+
+def _check_resolved(params: dict, origin: _Origin) -> None:
+    """The resolved params: the schema again (a late override lands here), dataset classes,
+    the whole grid (id clashes, init_from edges) and, for the cells that run, the PE depth."""
+    where = origin.where
+    _validate(params, SCHEMA, origin)
+    for name, recipe in params["recipes"].items():
+        _validate(recipe, _recipe_schema(_recipe_kind(recipe), full=True), origin, ("recipes", name))
+    for name, model in params["models"].items():
+        _check_arch(model["arch"], model["timm"], origin, ("models", name, "arch"))
+    for name, ds in params["datasets"].items():
+        _check_classes(ds, f"{where}: datasets.{name}", name)
+    for i, group in enumerate(params["grid"]):
+        _check_group(params, group, origin, ("grid", i))
+    expand_cells({**params, "cells": None})  # id clashes, init_from edges of the whole grid
+    for cell in expand_cells(params).values():
+        _check_depth(params, cell, where)
 
 
 def model_depth(model_cfg: Mapping) -> int:
@@ -422,6 +691,37 @@ def _check_classes(ds: Mapping, where: str, dataset: str) -> None:
                           f"is {ds['num_classes']}")
 
 
+#: The packaged ImageNet class subsets (name -> file, class count, sha256, source); the files sit
+#: beside it in mpvg/data (package data, read here so that mpvg.config imports nothing of mpvg).
+CLASS_LISTS_FILE = Path(__file__).with_name("data") / "class_lists.yaml"
+
+
+def read_class_list(name: str, lists_file: str | Path = CLASS_LISTS_FILE) -> list[str]:
+    """The folder names (WordNet ids) of the packaged class subset ``name``, in file order.
+
+    The file is checked against the sha256 and the class count recorded in ``lists_file``, so an
+    edited list can never pass for the published one (ValueError naming the file)."""
+    import hashlib
+
+    import yaml
+
+    lists_file = Path(lists_file)
+    lists = yaml.safe_load(lists_file.read_text(encoding="utf-8"))
+    if name not in lists:
+        raise ValueError(f"unknown class list {name!r}; expected one of {sorted(lists)} ({lists_file})")
+    entry = lists[name]
+    path = lists_file.with_name(entry["file"])
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{path}: sha256 differs from the one in {lists_file.name}; "
+                         f"it is not the published list ({entry['source']})")
+    names = data.decode("ascii").split()
+    if len(names) != entry["classes"] or len(set(names)) != len(names):
+        raise ValueError(f"{path}: {len(names)} names ({len(set(names))} distinct), expected "
+                         f"{entry['classes']} distinct class folders")
+    return names
+
+
 def dataset_classes(ds: Mapping) -> tuple | None:
     """The class folders a dataset entry keeps: ``None`` (all), or its ``classes`` as folder
     names (a packaged list such as ``imagenet100`` is read from mpvg/data, docs/claims.md)."""
@@ -429,32 +729,24 @@ def dataset_classes(ds: Mapping) -> tuple | None:
     if classes is None:
         return None
     if isinstance(classes, str):
-        from mpvg.data import DatasetError, class_list  # torch-free
-
-        try:
-            return tuple(class_list(classes))
-        except DatasetError as err:
-            raise ValueError(str(err)) from None
+        return tuple(read_class_list(classes))
     return tuple(str(c) for c in classes)
 
 
-def _check_group(raw: dict, group: dict, where: str) -> None:
-    for model in group["models"]:
+def _check_group(raw: dict, group: dict, origin: _Origin, path: tuple) -> None:
+    for i, model in enumerate(group["models"]):
         if model not in raw["models"]:
-            raise ConfigError(f"{where}.models: unknown model {model!r}; expected one of "
-                              f"{sorted(raw['models'])}")
-    for method in group["methods"]:
+            raise origin.error((*path, "models", i), _unknown("model", model, raw["models"]))
+    for i, method in enumerate(group["methods"]):
         if method not in PAPER_METHODS:
-            raise ConfigError(f"{where}.methods: unknown method {method!r}; expected one of "
-                              f"{list(PAPER_METHODS)}")
+            raise origin.error((*path, "methods", i), _unknown("method", method, PAPER_METHODS))
     if "recipe" in group and group["recipe"] not in raw["recipes"]:
-        raise ConfigError(f"{where}.recipe: unknown recipe {group['recipe']!r}; expected one of "
-                          f"{sorted(raw['recipes'])}")
+        raise origin.error((*path, "recipe"), _unknown("recipe", group["recipe"], raw["recipes"]))
     needs_init = group["stage"] != "train"
     if needs_init != ("init_from" in group):
-        raise ConfigError(f"{where}: stage {group['stage']!r} "
-                          + ("needs init_from (the task of the pretraining cell)" if needs_init
-                             else "trains from scratch and takes no init_from"))
+        raise origin.error(path, f"stage {group['stage']!r} "
+                           + ("needs init_from (the task of the pretraining cell)" if needs_init
+                              else "trains from scratch and takes no init_from"))
 
 
 # --------------------------------------------------------------------------- cells
@@ -663,18 +955,5 @@ def add_params_arguments(parser) -> None:
 
 
 def params_from_args(args) -> dict:
-    """:func:`load_params` from the arguments added by :func:`add_params_arguments`.
-
-    Under DVC (a stage's command), also checks that dvc.yaml still matches params.yaml: a stage
-    run from a stale dvc.yaml stops with what to run instead (mpvg.workflow.dvcyaml)."""
-    path, overrides = getattr(args, "params", "params.yaml"), getattr(args, "overrides", None) or []
-    params = load_params(path, overrides or None)
-    import os
-
-    if os.environ.get("DVC_STAGE"):
-        from mpvg.workflow.dvcyaml import stale_under_dvc
-
-        problem = stale_under_dvc(path, list(overrides), params)
-        if problem:
-            raise ConfigError(problem)
-    return params
+    """:func:`load_params` from the arguments added by :func:`add_params_arguments`."""
+    return load_params(getattr(args, "params", "params.yaml"), getattr(args, "overrides", None) or None)

@@ -72,27 +72,14 @@ def class_lists() -> dict:
 
 
 def class_list(name: str) -> list[str]:
-    """The folder names (WordNet ids) of the packaged class subset ``name``, in file order.
+    """The folder names (WordNet ids) of the packaged class subset ``name``, in file order,
+    checked against the sha256 and class count in class_lists.yaml (:func:`mpvg.config.read_class_list`)."""
+    from mpvg.config import read_class_list
 
-    The file is checked against the sha256 and the class count recorded in class_lists.yaml,
-    so an edited list can never pass for the published one.
-    """
-    import hashlib
-
-    lists = class_lists()
-    if name not in lists:
-        raise DatasetError(f"unknown class list {name!r}; expected one of {sorted(lists)} ({CLASS_LISTS_FILE})")
-    entry = lists[name]
-    path = CLASS_LISTS_FILE.with_name(entry["file"])
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise DatasetError(f"{path}: sha256 differs from the one in {CLASS_LISTS_FILE.name}; "
-                           f"it is not the published list ({entry['source']})")
-    names = data.decode("ascii").split()
-    if len(names) != entry["classes"] or len(set(names)) != len(names):
-        raise DatasetError(f"{path}: {len(names)} names ({len(set(names))} distinct), expected "
-                           f"{entry['classes']} distinct class folders")
-    return names
+    try:
+        return read_class_list(name, CLASS_LISTS_FILE)
+    except ValueError as err:
+        raise DatasetError(str(err)) from None
 
 
 def select_classes(split_dir: Path, classes) -> list[str]:
