@@ -409,7 +409,7 @@ def test_report_command_logs_one_run_with_the_tables(tmp_path, monkeypatch):
     assert run.data.metrics["claims_n_pending"] == len(children)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"README.md", "table1.md", "table1.tex", "tables.md"} <= artifacts
-    assert artifacts == {p.name for p in out.iterdir() if p.is_file()}
+    assert artifacts == {p.name for p in out.iterdir()}  # the files and the per-table metrics/ folder
 
     (out / "sub").mkdir()
     (out / "sub" / "x.md").write_text("x")

@@ -149,8 +149,8 @@ def test_slurm_profile_dry_run_plans_paper_scale_fast(slurm_cluster, workdir):
 @pytest.mark.slurm
 def test_slurm_dry_run_on_four_gpu_nodes_plans_deit_b_over_two_nodes(slurm_cluster, workdir):
     """The node shape (node_gpus/cpus/mem_mb of the profile's configfile) set to 4-GPU nodes of 64
-    CPUs: DeiT-B's 8 GPUs become 2 nodes x 4 GPUs, one srun task per GPU with 12 CPUs each (48 of a
-    node's 64), memory per node; 4-GPU jobs stay on one node under `mpvg launch`."""
+    CPUs: DeiT-B's 8 GPUs become 2 nodes x 4 GPUs, one srun task per GPU with CPUS_PER_GPU CPUs each (52
+    of a node's 64), memory per node; 4-GPU jobs stay on one node under `mpvg launch`."""
     res = snakemake(workdir, "-n", "--profile", "slurm", "--config", "node_gpus=4", "node_cpus=64",
                     "node_mem_mb=500000")
     assert res.returncode == 0, res.stdout[-3000:]
@@ -160,11 +160,11 @@ def test_slurm_dry_run_on_four_gpu_nodes_plans_deit_b_over_two_nodes(slurm_clust
     for job in deit_b:
         res_ = job["resources"]
         assert (res_["gpu"], res_["nodes"], res_["tasks_per_node"], res_["gres"], res_["mpi"], res_["cpus_per_task"],
-                res_["mem_mb"]) == ("8", "2", "4", "gpu:4", "srun", "12", "192000"), res_
-        assert job["shell"].startswith("exec srun --nodes=2 --ntasks-per-node=4 --gpus-per-task=1 --cpus-per-task=12 "
-                                       "--wait=60 mpvg train "), job["shell"]
+                res_["mem_mb"]) == ("8", "2", "4", "gpu:4", "srun", str(wf.CPUS_PER_GPU), "192000"), res_
+        assert job["shell"].startswith("exec srun --nodes=2 --ntasks-per-node=4 --gpus-per-task=1 "
+                                       f"--cpus-per-task={wf.CPUS_PER_GPU} --wait=60 mpvg train "), job["shell"]
     deit_ti = next(j for j in jobs if "--cell in1k-deit_ti-mpvg " in j["shell"])
-    assert (deit_ti["resources"]["nodes"], deit_ti["resources"]["cpus_per_task"]) == ("1", "48")
+    assert (deit_ti["resources"]["nodes"], deit_ti["resources"]["cpus_per_task"]) == ("1", str(4 * wf.CPUS_PER_GPU))
     assert "mpi" not in deit_ti["resources"] and deit_ti["shell"].startswith("exec mpvg launch --nproc-per-node 4 train ")
     # a shape a job cannot be spread over evenly is an error naming the job, before anything runs
     bad = snakemake(workdir, "-n", "--profile", "slurm", "--config", "node_gpus=3", "node_cpus=64", "node_mem_mb=500000")

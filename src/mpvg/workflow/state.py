@@ -308,7 +308,10 @@ def set_aside_not_current(jobs: list, states: Mapping[tuple, JobState]) -> list[
             out = Path(job.outs[0])
             if out.exists():
                 dest = out.parent / (KEPT_NAME if read_json_object(out) is not None else "result.unreadable.json")
-                os.replace(out, dest)
+                if dest.exists() and os.path.samefile(out, dest):
+                    out.unlink()  # already kept (the run layer's hard link): rename(2) of two links to one file does nothing
+                else:
+                    os.replace(out, dest)
                 moved.append(f"{out} -> {dest.name}")
         elif job.rule in AGGREGATE_RECORD:
             for out in map(Path, job.outs):
