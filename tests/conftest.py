@@ -73,11 +73,9 @@ def mlflow_server(folder: Path, port: int | None = None):
         proc.wait(timeout=60)
 
 
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    """A copy of the workflow files in a fresh git repository (DVC wants one)."""
-    dest = tmp_path / "repo"
-    dest.mkdir()
+def copy_workflow(dest: Path) -> Path:
+    """The workflow files copied into ``dest`` (created), a fresh git repository (DVC wants one)."""
+    dest.mkdir(parents=True)
     for name in WORKFLOW_FILES:
         src = ROOT / name
         if src.is_symlink():
@@ -88,6 +86,12 @@ def workdir(tmp_path: Path) -> Path:
             shutil.copy2(src, dest / name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A copy of the workflow files in a fresh git repository (DVC wants one)."""
+    return copy_workflow(tmp_path / "repo")
 
 
 @pytest.fixture(scope="session")

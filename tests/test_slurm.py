@@ -6,7 +6,6 @@ The profile is the real `slurm` one, with the test's partition and sizes on the 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -153,20 +152,10 @@ def gpu_args(geometry: str) -> list[str]:
 
 def gpu_workdir(base: Path, data_root: Path) -> Path:
     """A copy of the workflow whose params train the tiny DeiT-S of test_training on ``data_root``."""
-    from conftest import WORKFLOW_FILES, ROOT
-    import shutil
+    from conftest import copy_workflow
     from test_training import write_params
 
-    base.mkdir(parents=True)
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        if src.is_symlink():
-            os.symlink(os.readlink(src), base / name)
-        elif src.is_dir():
-            shutil.copytree(src, base / name, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, base / name)
-    subprocess.run(["git", "init", "-q"], cwd=base, check=True)
+    copy_workflow(base)
     write_params(base, data_root, epochs=GPU_EPOCHS, batch_size=GPU_BATCH)
     return base
 
