@@ -282,28 +282,33 @@ def test_a_run_whose_parent_dies_saves_and_stops(reference, tmp_path):
 
 
 # ------------------------------------------------------------------------------ several processes
+DDP_PROCESSES = 4
+
+
 @pytest.fixture(scope="module")
 def ddp_reference(tmp_path_factory, tiny_data):
-    """An uninterrupted 2-process run through `mpvg launch` (gloo)."""
+    """An uninterrupted 4-process run through `mpvg launch` (gloo). Four, not two: a sum of two
+    terms is the same in either order, so only three or more processes show a resume that sums
+    the gradients in another order than the uninterrupted run (DDP's bucket layout)."""
     folder = tmp_path_factory.mktemp("ddp_ref")
     params = write_params(folder, tiny_data)
     out = folder / "run"
-    proc = subprocess.run([sys.executable, "-m", "mpvg", "launch", "--nproc-per-node", "2", "train", "--params",
-                           str(params), "--cell", CELL, "--out", str(out), "--no-tracking", "--device", "cpu"],
+    proc = subprocess.run([sys.executable, "-m", "mpvg", "launch", "--nproc-per-node", str(DDP_PROCESSES), "train",
+                           "--params", str(params), "--cell", CELL, "--out", str(out), "--no-tracking", "--device", "cpu"],
                           env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return params, out
 
 
 @pytest.mark.parametrize("delivery, sig", [("launcher", signal.SIGTERM), ("every process", signal.SIGUSR1)])
-def test_two_processes_preempted_save_one_checkpoint_exit_requeue_and_resume_bit_exact(ddp_reference, tmp_path,
-                                                                                      delivery, sig):
+def test_four_processes_preempted_save_one_checkpoint_exit_requeue_and_resume_bit_exact(ddp_reference, tmp_path,
+                                                                                       delivery, sig):
     from mpvg.run import REQUEUE_EXIT_CODE
 
     params, ref_out = ddp_reference
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mpvg", "launch", "--nproc-per-node", "2", "train", "--params", str(params),
-           "--cell", CELL, "--out", str(out), "--no-tracking", "--device", "cpu", "--log-interval", "1"]
+    cmd = [sys.executable, "-m", "mpvg", "launch", "--nproc-per-node", str(DDP_PROCESSES), "train", "--params",
+           str(params), "--cell", CELL, "--out", str(out), "--no-tracking", "--device", "cpu", "--log-interval", "1"]
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     wait_for_step(out, proc)
@@ -314,8 +319,9 @@ def test_two_processes_preempted_save_one_checkpoint_exit_requeue_and_resume_bit
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == REQUEUE_EXIT_CODE, output
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert len(ckpt["rng"]) == 2 and (ckpt["epoch"], ckpt["step"]) != (0, 0)
-    assert output.count("the same command resumes it") == 2  # both ranks stopped at the same, saved step
+    assert len(ckpt["rng"]) == DDP_PROCESSES and (ckpt["epoch"], ckpt["step"]) != (0, 0)
+    # every rank stopped at the same, saved step
+    assert output.count("the same command resumes it") == DDP_PROCESSES
     again = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert_same_weights(weights(out / "checkpoint.pt"), weights(ref_out / "checkpoint.pt"))
