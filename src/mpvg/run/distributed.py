@@ -126,3 +126,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def sync_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s buffers (BatchNorm statistics) on every rank; a no-op in one process.
+
+    Each rank updates its running statistics from its own batches; before an evaluation (sharded
+    over the ranks) and a checkpoint (rank 0's state) every rank takes rank 0's, so the numbers a
+    run reports are those of the model it saves, and a resumed run starts every rank from the
+    buffers the uninterrupted one had."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=src)

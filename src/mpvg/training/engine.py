@@ -360,7 +360,9 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
         log.info("resumed from %s: epoch %d, step %d of %d", ckpt_path, start_epoch, start_step, steps_per_epoch)
         del ckpt
 
-    t.train_model = wrap(model, dist, broadcast_buffers=False)
+    # buffers (CeiT's BatchNorm statistics) are synced from rank 0 before each evaluation and checkpoint
+    # (distributed.sync_buffers), not at every forward
+    t.train_model = wrap(model, dist, forward_sync_buffers=False)
 
     def one_step(m, images, targets):
         return train_step(m, images, targets, criterion, optimizer, scaler, amp_dtype, recipe["clip_grad"])
@@ -375,6 +377,7 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
 
     def checkpoint(epoch: int, step: int, epoch_progress: dict | None = None) -> None:
         """Everything needed to continue exactly (rank 0 writes; all ranks give their RNG)."""
+        distributed.sync_buffers(model)
         states = all_rng_states(dist)
         run.save({
             "model": unwrap(model).state_dict(), "model_ema": ema.module.state_dict() if ema else None,
@@ -404,6 +407,7 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
             last_epoch = epoch + 1 == total_epochs
             val = None
             if last_epoch or (eval_every and (epoch + 1) % eval_every == 0):
+                distributed.sync_buffers(model)  # the shards are evaluated with the model rank 0 saves
                 val = evaluate(model, val_loader, device, amp_dtype)  # unwrapped: no DDP collectives
             row = {"epoch": epoch + 1, "train_loss": sums["loss_sum"] / max(sums["loss_n"], 1),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": sums["time_s"],
