@@ -138,6 +138,7 @@ def test_torch_export_deit_tiny_mpvg():
         torch.testing.assert_close(ep2.module()(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # inductor compiles for ~20 s; the default suite compiles with aot_eager (test_gpu_defaults)
 def test_torch_compile_deit_tiny_mpvg_inference():
     """Quick check (~40 s on 2 CPU cores): the compiled forward equals eager."""
     model = timm.create_model("mpvg_deit_tiny_patch16_224", pe_method="mpvg").eval()

@@ -49,6 +49,7 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
     return dict(line.split("|", 1) for line in res.stdout.split())
 
 
+@pytest.mark.slow  # ~70 s; the default suite submits through the plugin in the 1x4 placement test
 def test_tiny_slice_runs_through_sbatch(slurm_cluster, workdir):
     """Tiny data + one training cell as two SLURM jobs; a second run has nothing to do."""
     target = "runs/train/c100-vit_lite-mpvg/seed0/result.json"
@@ -133,7 +134,7 @@ def test_signal_before_the_time_limit_resumes_the_run(slurm_cluster, workdir):
 # run of the same global batch.
 GPU_CELL = "in1k-deit_s-mpvg"
 GPU_TARGET = f"runs/train/{GPU_CELL}/seed0/result.json"
-GPU_EPOCHS = 12  # 12 x 7 steps: the preemption tests signal after the first epoch, with time to spare
+GPU_EPOCHS = 6  # 6 x 7 steps: the preemption tests signal after the first epoch, with 5 epochs to spare
 GPU_BATCH = 128  # global: 8 steps an epoch on the 1000 tiny images (few collectives on 2 busy cores)
 GEOMETRIES = {  # name: (GPUs of the job, node_gpus of the shape, nodes, processes per node)
     "1x4": (4, 4, 1, 4),
@@ -313,7 +314,7 @@ def test_preempted_gpu_job_comes_back_and_ends_bit_exact(gpu_runs, tmp_path, geo
     proc = start_snakemake(work, "--retries", "1", *gpu_args(geometry))
     try:
         deadline = time.monotonic() + 600
-        # the run's own journal: the first epoch's checkpoint is written (three epochs are left)
+        # the run's own journal: the first epoch's checkpoint is written (five epochs are left)
         while not (run_dir / "checkpoint.pt").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the job never checkpointed"
             time.sleep(0.5)

@@ -461,6 +461,7 @@ def _shorten_tiny(workdir: Path, epochs: int = 1) -> None:
     write_params(workdir, edit)
 
 
+@pytest.mark.slow  # ~35 s of real training through dvc repro
 def test_dvc_repro_of_one_training_stage_from_a_clean_copy(workdir):
     """`dvc repro train@<cell>-seed0` runs the tiny data and that cell alone; `dvc status` is clean."""
     _shorten_tiny(workdir)
@@ -477,15 +478,25 @@ def test_dvc_repro_of_one_training_stage_from_a_clean_copy(workdir):
     assert set(lock) == {"signatures", "data_tiny", stage}
 
 
+WHOLE_DAG_EPOCHS = {"deit": 1, "swin": 1, "ceit": 1, "t2t": 1, "vit_lite_c100": 1, "t2t_c100": 1}
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_whole_tiny_dag_on_two_cores(workdir):
-    """The demo: every cell, figures and tables at the tiny scale; an MLflow run per cell."""
+    """The demo's DAG: every cell, figures and tables at the tiny scale; an MLflow run per cell.
+    Every job of the demo runs, each classification cell for one epoch instead of 5 (3 for T2T's
+    CIFAR fine-tuning) to fit CI; `make demo` runs the same DAG with the default epochs."""
+    write_params(workdir, lambda p: [p["tiny"]["recipes"][name].__setitem__("epochs", epochs)
+                                     for name, epochs in WHOLE_DAG_EPOCHS.items()])
     start = time.monotonic()
     res = snakemake(workdir, "--cores", "2", timeout=3600)
     elapsed = time.monotonic() - start
     assert res.returncode == 0, res.stdout[-4000:]
-    params = load_params(PARAMS)
+    params = load_params(workdir / "params.yaml")
     jobs = wf.build_plan(params)
+    done = re.findall(r"^(\d+) of (\d+) steps \(100%\) done", res.stdout, re.M)
+    assert done == [(str(len(jobs) + 1),) * 2], res.stdout[-3000:]  # every planned job and `all`
     for job in jobs:
         for out in job.outs:
             assert (workdir / out).exists(), out
