@@ -1,7 +1,7 @@
 # mpvg: the two commands of the README, and helpers.
 #   make demo       set up .venv if needed, run the whole DAG at the tiny scale on CPU
-#   make test       set up .venv if needed, run the default suite, slow tests deselected (what CI runs)
-#   make test-all   the whole suite, slow tests included
+#   make test       set up .venv if needed, run the whole suite, slow tests included (what CI runs, < 60 min on 2 cores)
+#   make test-quick the default suite for development, slow tests deselected (< 15 min on 2 cores)
 #   make test-slow  only the slow tests (the whole tiny DAG, SLURM requeue, every model family, ...)
 #   make gpu-check  on one GPU, first thing on a new cluster: every GPU code path, timed (< 8 min)
 #   make cost | dvc-yaml | slurm-up | slurm-down | clean-demo   (see the comments below)
@@ -16,7 +16,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.mpvg-installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help env demo test test-all test-slow gpu-check latex slurm-up slurm-down dvc-yaml cost clean-demo
+.PHONY: help env demo test test-quick test-slow gpu-check latex slurm-up slurm-down dvc-yaml cost clean-demo
 
 help:
 	@sed -n 2,7p Makefile
@@ -37,12 +37,13 @@ demo: env
 	echo "demo: DAG done in $$(( $$(date +%s) - start )) s; tables in reports/ (reports/README.md)"; \
 	echo "demo: MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --workers 1 (runs tables: README.md, MLflow)"
 
-# The default suite (pyproject's addopts deselect the slow tests): what CI runs (.ci/run).
+# The whole suite, slow tests included: what CI runs (.ci/run), the README's test command.
 test: env latex
-	pytest
+	pytest -m "slow or not slow" --durations=15
 
-test-all: env latex
-	pytest -m "slow or not slow"
+# The default suite for development (pyproject's addopts deselect the slow tests).
+test-quick: env latex
+	pytest
 
 # pdflatex for the test that compiles the report's LaTeX tables (Debian packages; best effort:
 # without it that test skips after its structural check).

@@ -398,6 +398,9 @@ def test_ci_runs_make_test():
     ci = ROOT / ".ci/run"
     assert os.access(ci, os.X_OK)
     assert re.search(r"^exec make test$", ci.read_text(), re.M)
+    # ... and `make test` runs the whole suite: slow tests included (pyproject's addopts deselect them)
+    recipe = re.search(r"^test: .*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert re.search(r'^\tpytest -m "slow or not slow"', recipe, re.M), recipe
 
 
 # --------------------------------------------------------------------------- MLflow
