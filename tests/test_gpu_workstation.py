@@ -90,3 +90,21 @@ def test_a_job_larger_than_the_machine_or_its_allocation_is_an_error(stand_in_gp
                          env=given, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "4 processes but CUDA_VISIBLE_DEVICES=0,1 gives 2 GPUs" in res.stderr, res.stderr
+
+
+def test_each_worker_counts_its_share_of_the_job_cpus(monkeypatch):
+    """cpu_hours in result.json: 4 workers of one SLURM task of 52 CPUs count 13 each (they used to
+    count 52 each, 4 times the allocation); a worker of a multi-node srun job (its own task) and a
+    single process count their task's CPUs."""
+    from mpvg.run.launch import worker_env
+    from mpvg.runinfo import compute_hours, cpus_per_process
+
+    env = worker_env(3, 4, 29500, base={"SLURM_CPUS_PER_TASK": "52"})
+    assert env["MPVG_CPUS_PER_PROCESS"] == "13"
+    monkeypatch.setenv("MPVG_CPUS_PER_PROCESS", env["MPVG_CPUS_PER_PROCESS"])
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "52")
+    assert cpus_per_process() == 13
+    assert compute_hours(3600.0, "cuda", 4) == {"gpu_hours": 4.0, "cpu_hours": 52.0}
+    monkeypatch.delenv("MPVG_CPUS_PER_PROCESS")  # srun: one task per process
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "13")
+    assert compute_hours(3600.0, "cuda", 4) == {"gpu_hours": 4.0, "cpu_hours": 52.0}

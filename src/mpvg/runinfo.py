@@ -53,7 +53,11 @@ def slurm_job_id() -> str | None:
 
 
 def cpus_per_process() -> int:
-    """CPU cores this process may use (SLURM's allocation when set, else the affinity mask)."""
+    """CPU cores this process may use: its share of the job's under `mpvg launch`
+    (``MPVG_CPUS_PER_PROCESS``: one SLURM task or machine split over N workers), else SLURM's
+    allocation of its task, else the affinity mask."""
+    if os.environ.get("MPVG_CPUS_PER_PROCESS", "").isdigit():
+        return int(os.environ["MPVG_CPUS_PER_PROCESS"])
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         return int(os.environ["SLURM_CPUS_PER_TASK"])
     try:

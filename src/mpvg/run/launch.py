@@ -46,6 +46,7 @@ GPU_COUNT_ENV = "MPVG_GPUS"
 LOCK_DIR_ENV = "MPVG_GPU_LOCK_DIR"
 DEFAULT_LOCK_DIR = "/tmp/mpvg-gpu-locks"
 WAIT_REPORT_S = 60.0
+CPUS_PER_PROCESS_ENV = "MPVG_CPUS_PER_PROCESS"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                     "NUMEXPR_NUM_THREADS")
 
@@ -144,6 +145,10 @@ def worker_env(rank: int, world: int, port: int, base: dict | None = None, devic
     per_worker = str(max(1, int(total) // world)) if total.isdigit() else "1"
     for name in THREAD_VARIABLES:
         env[name] = per_worker
+    # the CPUs allocated to the job (SLURM's task, else this process's affinity), shared by its
+    # workers: what each one counts in its result's cpu_hours (mpvg.runinfo.cpus_per_process)
+    job_cpus = env.get("SLURM_CPUS_PER_TASK") or str(len(os.sched_getaffinity(0)))
+    env[CPUS_PER_PROCESS_ENV] = str(max(1, int(job_cpus) // world)) if job_cpus.isdigit() else "1"
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device  # this worker's GPU only: it is cuda:0 in the process
     env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
