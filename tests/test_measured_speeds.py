@@ -75,3 +75,28 @@ def test_a_missing_speeds_file_is_named(tmp_path):
     params = load_params(PARAMS, ["scale=paper", f"paths.measured_speeds={tmp_path / 'nope.json'}"])
     with pytest.raises(ValueError, match=f"measured speeds file {tmp_path / 'nope.json'} .*no such file"):
         plan.cell_resources(params, expand_cells(params)["in1k-deit_ti-mpvg"])
+
+
+@pytest.mark.parametrize("cell, args, compile, verdict", [
+    ("in1k-deit_ti-mpvg", [], "auto", True),
+    ("in1k-swin_ti-mpvg", [], "auto", False),
+    ("in1k-t2t_vit_7-mpvg", [], "auto", None),  # not measured: auto stays eager on CUDA
+    ("in1k-deit_ti-mpvg", ["--compile"], "on", True),
+    ("in1k-deit_ti-mpvg", ["--compile", "off", "--fused", "off"], "off", True),
+])
+def test_a_training_job_gets_gpu_checks_compile_verdict_for_its_model(tmp_path, monkeypatch, cell, args, compile,
+                                                                      verdict):
+    """`--compile auto` (the default) follows gpu_check's verdict for the job's model, read from
+    paths.measured_speeds by the command line (mpvg.training.gpu_defaults.choose decides on CUDA)."""
+    import mpvg.training.engine as engine
+
+    path = speeds_file(tmp_path / "speeds.json", {"DeiT-Ti": {"MPVG": 5000.0}})
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "compile": {"DeiT-Ti": True, "Swin-Ti": False}}))
+    seen = {}
+    monkeypatch.setattr(engine, "train", lambda spec, opts: seen.update(opts=opts))  # the options it would run with
+    assert cli.main(["train", "--params", str(PARAMS), "--set", f"paths.measured_speeds={path}", "--cell", cell,
+                     "--out", str(tmp_path / "run"), "--no-tracking", *args]) == 0
+    opts = seen["opts"]
+    assert (opts.compile, opts.compile_verdict) == (compile, verdict)
+    assert opts.fused == ("off" if "--fused" in args else "auto")

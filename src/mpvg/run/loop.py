@@ -23,7 +23,9 @@ class RunOptions:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     amp: str = "auto"               # auto (bf16 on CUDA when the recipe says amp) | bf16 | fp16 | none
-    compile: bool = False           # torch.compile the model (classification)
+    compile: str = "auto"           # torch.compile the step (classification): auto | on | off (gpu_defaults)
+    fused: str = "auto"             # fused AdamW: auto (CUDA) | on | off
+    compile_verdict: bool | None = None  # gpu_check's verdict for the model (paths.measured_speeds), for auto
     init_from: Path | None = None   # the checkpoint the run starts from (downstream: None -> the cell's planned one)
     init_expected: dict | None = None  # signature inputs that checkpoint must have (its cell's now)
     resume: bool = True

@@ -37,7 +37,11 @@ def register(subparsers) -> None:
                    help="start from these weights (PE resized, head of another size dropped); "
                    "needed by fine-tuning cells")
     add_device_arguments(p)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile the training step: auto (default) compiles on CUDA where `make gpu-check` "
+                   "found it correct and faster for the model (paths.measured_speeds), on (also plain --compile), off")
+    p.add_argument("--fused", default="auto", choices=("auto", "on", "off"),
+                   help="fused AdamW: auto (default) on CUDA, on, off")
     p.add_argument("--no-resume", action="store_true", help="fail if OUT/checkpoint.pt exists instead of resuming")
     add_on_change_argument(p)
     p.add_argument("--eval-every", type=int, default=1, metavar="N",
@@ -114,12 +118,16 @@ def _train(args) -> int:
     from mpvg.training.engine import train
 
     def job():
+        from mpvg.training.gpu_defaults import compile_verdict
+        from mpvg.workflow.plan import measured_speeds
+
         params = params_from_args(args)
         spec = resolve_run(params, args.cell)
         uri, experiment = tracking_settings(args, params)
         opts = RunOptions(
             out_dir=args.out or spec.run_dir(args.seed), seed=args.seed, device=args.device, amp=args.amp,
-            compile=args.compile, init_from=args.init_from,
+            compile=args.compile, fused=args.fused,
+            compile_verdict=compile_verdict(measured_speeds(params), spec.cell.model), init_from=args.init_from,
             init_expected=start_point_expectation(params, spec, args.seed, args.init_from),
             resume=not args.no_resume, on_change=args.on_change, quiet=args.quiet,
             eval_every=args.eval_every, num_workers=args.workers, log_interval=max(1, args.log_interval),

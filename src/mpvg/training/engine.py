@@ -331,7 +331,8 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
 
     # optimizer, schedule, loss: timm's factories, as DeiT / timm train.py
     amp_dtype = resolve_amp(opts.amp, recipe, device)
-    fast = gpu_defaults.choose(device, amp_dtype, recipe["optimizer"], workers, compile="on" if opts.compile else "auto")
+    fast = gpu_defaults.choose(device, amp_dtype, recipe["optimizer"], workers, compile=opts.compile, fused=opts.fused,
+                               compile_verdict=opts.compile_verdict)
     log.info(fast.describe())
     optimizer, scheduler = build_optimizer(model, recipe, steps_per_epoch, fused=fast.fused_adamw)
     total_epochs = recipe["epochs"] + recipe["cooldown_epochs"]
@@ -372,7 +373,7 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
               if fast.compile else lambda images, targets: one_step(t.train_model, images, targets))
     tracker, run_id = start_tracking(run, spec, opts, {
         "seed": seed, "world_size": dist.world_size, "local_batch": local_batch, "amp": str(amp_dtype),
-        "compile": opts.compile, "init_from": opts.init_from, "params": n_params}, run_id)
+        "compile": fast.compile, "init_from": opts.init_from, "params": n_params}, run_id)
     prepare = batch_preparer(device, device_transform, mixup_fn, seed, dist.rank)
 
     def checkpoint(epoch: int, step: int, epoch_progress: dict | None = None) -> None:
