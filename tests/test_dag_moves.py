@@ -250,8 +250,14 @@ def test_a_target_table_plans_only_its_runs_and_their_start_points(workdir):
 
 def test_dvc_exp_run_applies_the_override_reruns_the_stage_and_keeps_params_byte_stable(workdir):
     """`dvc exp run -S` on one stage: its settings changed, so that run (alone) trains again with
-    the new value; params.yaml differs from before only in the changed line."""
+    the new value; params.yaml differs from before only in the changed line. `dvc exp show` with
+    the README's per-table view (TABLES_VIEW) shows one column per table cell and metric, and
+    nothing else (DVC drops the file prefix of a name that only one metrics file has)."""
     fabricate_finished(workdir)
+    (workdir / "reports/metrics/table2.json").write_text(json.dumps(
+        {"c100-vit_lite-mpvg": {"top1": 65.5}, "c100-vit_lite-pvg": {"top1": 73.0}}))
+    for table in ("table1", "table6"):
+        (workdir / f"reports/metrics/{table}.json").write_text(json.dumps({"in1k-deit_ti-mpvg": {"top1": 76.5}}))
     commit_dvc_state(workdir)
     before = (workdir / "params.yaml").read_text().splitlines()
     stage = "train@c100-vit_lite-mpvg-seed0"
@@ -267,6 +273,16 @@ def test_dvc_exp_run_applies_the_override_reruns_the_stage_and_keeps_params_byte
     assert result["signature_inputs"]["recipe"]["epochs"] == 1 and len(result["history"]) == 1
     show = run(["dvc", "exp", "show", "--no-pager", "--json"], workdir)
     assert show.returncode == 0 and "scores.json" in show.stdout
+    show = run(["dvc", "exp", "show", "--no-pager", "--csv", *TABLES_VIEW], workdir)
+    assert show.returncode == 0, show.stdout[-3000:]
+    header, *rows = show.stdout.splitlines()
+    assert sorted(header.split(",")) == ["Experiment", "c100-vit_lite-mpvg.top1", "c100-vit_lite-pvg.top1",
+                                         "reports/metrics/table1.json:in1k-deit_ti-mpvg.top1",
+                                         "reports/metrics/table6.json:in1k-deit_ti-mpvg.top1"], header
+    assert sorted(rows[0].split(",")[1:]) == ["65.5", "73.0", "76.5", "76.5"], rows
+
+
+TABLES_VIEW = ["--drop", ".*", "--keep", "^(Experiment|reports/metrics/.*|(in1k|c100|coco|ade20k)-.*)$"]
 
 
 def test_seeds_changed_under_dvc_stop_with_what_to_run(workdir):
