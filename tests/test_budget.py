@@ -225,15 +225,19 @@ def test_budget_cost_three_seeds_under_five_percent_of_one_paper_seed(budget, ca
 
 
 def test_report_plans_the_gpu_hours_of_its_seeds(budget, tmp_path):
+    from mpvg.reporting.commands import report_inputs
     from mpvg.reporting.planned import build_planned_cost_table
     from mpvg.reporting.report import build_reports
 
-    t = build_planned_cost_table(budget)
+    inputs = report_inputs(budget, expand_cells(budget), tmp_path / "runs")
+    t = build_planned_cost_table(budget, inputs["planned"])
     rows = {r[0].text: [e.text for e in r] for r in t.rows}
     assert rows["in1k-deit_ti-* (14 cells)"][2:] == ["1", "1.4", f"{14 * 3 * 100 * 130_000 / 2500 / 3600:.1f}"]
     assert rows["Total"][4] == f"{total_gpu_hours(budget, seeds=3):.0f}" == "101"
-    assert build_planned_cost_table(load_params(PARAMS)) is None          # tiny: nothing planned
-    build_reports(budget, expand_cells(budget), tmp_path / "runs", tmp_path / "reports")
+    tiny = load_params(PARAMS)
+    assert build_planned_cost_table(tiny, report_inputs(tiny, expand_cells(tiny), tmp_path / "runs")["planned"]) \
+        is None                                                           # tiny: nothing planned
+    build_reports(budget, expand_cells(budget), tmp_path / "runs", tmp_path / "reports", **inputs)
     assert "Planned GPU-hours for 3 seed(s)" in (tmp_path / "reports" / "cost-plan.md").read_text()
     claims = (tmp_path / "reports" / "claims.md").read_text()
     assert "Scale: budget (ImageNet-100" in claims and "pending: not in grid" in claims

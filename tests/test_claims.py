@@ -17,7 +17,8 @@ from mpvg.reporting import sequential as S
 from mpvg.reporting.sequential import seeds_needed, welch_interval
 from mpvg.config import TABLES, expand_cells, load_params
 from mpvg.reporting import claims as C
-from mpvg.reporting.paper import load_paper_numbers, match_cells
+from mpvg.results.paper import load_paper_numbers, match_cells
+from mpvg.reporting.commands import report_inputs
 from mpvg.reporting.report import build_reports
 from test_reporting import check_latex_structure, parse_pipe_tables, write_result
 
@@ -373,7 +374,7 @@ def test_report_writes_the_claims_pages(tmp_path, params, cells):
     write_result(runs, "in1k-deit_ti-lape", 0, {"top1": float("nan")}, params=params, gpu_hours=0.5)
     write_result(runs, "in1k-deit_ti-mpvg-detach", 0, {"top1": 73.3})      # unstamped: stale
     out = tmp_path / "reports"
-    written = build_reports(params, cells, runs, out, commit="0123abc")
+    written = build_reports(params, cells, runs, out, commit="0123abc", **report_inputs(params, cells, runs))
     assert {out / n for n in ("claims.md", "claims.tex", "claims.json")} <= set(written)
     md = (out / "claims.md").read_text()
     n_claims = len(C.load_claims().claims)
@@ -421,7 +422,8 @@ def test_report_writes_the_claims_pages(tmp_path, params, cells):
     tiny = load_params(PARAMS)
     write_result(tmp_path / "one", "in1k-deit_ti-mpvg", 0, {"top1": 73.4}, params=tiny)
     write_result(tmp_path / "one", "in1k-deit_ti-pvg", 0, {"top1": 73.0}, params=tiny)
-    build_reports(tiny, expand_cells(tiny), tmp_path / "one", tmp_path / "one-reports")
+    build_reports(tiny, expand_cells(tiny), tmp_path / "one", tmp_path / "one-reports",
+                  **report_inputs(tiny, expand_cells(tiny), tmp_path / "one"))
     text = (tmp_path / "one-reports" / "claims.md").read_text()
     assert f"0 holds, 0 contradicted, 0 futile, 0 not resolved, 0 flagged, 0 diverged, {n_claims} pending" in text
     assert "with fewer than 3 seeds per cell every verdict is pending" in text

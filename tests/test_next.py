@@ -155,7 +155,7 @@ def test_workflow_next_command_on_an_empty_runs_folder(tmp_path):
 def test_the_report_prices_next_rounds_with_the_cost_model(tmp_path):
     """`mpvg report` at the budget scale hands the cost model to the claims page: with nothing run,
     DeiT-Ti MPVG > Default's first round is 3 + 3 seeds at the planned GPU-hours of one seed."""
-    from mpvg.reporting.commands import planned_gpu_hours
+    from mpvg.reporting.commands import planned_gpu_hours, report_inputs
     from mpvg.reporting.report import build_reports
 
     params = load_params(PARAMS, ["scale=budget"])
@@ -163,7 +163,9 @@ def test_the_report_prices_next_rounds_with_the_cost_model(tmp_path):
     hours = planned_gpu_hours(params, cells)
     assert hours == {cid: paper_gpu_hours(params, cell) for cid, cell in cells.items()}
     assert planned_gpu_hours(load_params(PARAMS), expand_cells(load_params(PARAMS))) is None
-    build_reports(params, cells, tmp_path / "runs", tmp_path / "reports", commit="x", gpu_hours=hours)
+    inputs = report_inputs(params, cells, tmp_path / "runs")
+    assert inputs["gpu_hours"] == hours
+    build_reports(params, cells, tmp_path / "runs", tmp_path / "reports", commit="x", **inputs)
     md = (tmp_path / "reports" / "claims.md").read_text()
     cost = 3 * hours["in1k-deit_ti-mpvg"] + 3 * hours["in1k-deit_ti-default"]
     row = next(ln for ln in md.splitlines() if ln.startswith("| MPVG > Default (DeiT-Ti) |"))

@@ -417,8 +417,10 @@ def test_eval_weights_refuses_other_cells_and_the_calibration_table(tiny_params,
     assert rows["T2T-ViT-7"][3] == "71.7" and rows["CeiT-Ti"][3] == "76.4"
     assert "Scale: tiny" in table.caption
     # and `mpvg report` writes it beside the paper's tables
+    from mpvg.reporting.commands import report_inputs
     from mpvg.reporting.report import build_reports
 
-    written = build_reports(params, expand_cells(params), runs, tiny_params.parent / "reports", commit="0123abc")
+    written = build_reports(params, expand_cells(params), runs, tiny_params.parent / "reports", commit="0123abc",
+                            **report_inputs(params, expand_cells(params), runs))
     assert tiny_params.parent / "reports" / "calibration.md" in written
     assert "[calibration.md](calibration.md)" in (tiny_params.parent / "reports" / "README.md").read_text()

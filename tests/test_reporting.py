@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from mpvg.config import expand_cells, load_params
-from mpvg.reporting.paper import load_paper_numbers, match_cells, parse_overrides
-from mpvg.reporting.render import LONG_TABLE_ROWS, Entry, Table, latex_escape, render_latex, render_markdown
+from mpvg.reporting.commands import report_inputs
 from mpvg.reporting.report import build_reports
-from mpvg.reporting.results import aggregate, collect_results, compute_totals, load_result
-from mpvg.reporting.tables import best_indices, scale_note
+from mpvg.reporting.tables import best_indices
+from mpvg.results.paper import load_paper_numbers, match_cells, parse_overrides
+from mpvg.results.render import (LONG_TABLE_ROWS, Entry, Table, latex_escape, render_latex, render_markdown,
+                                 scale_note)
+from mpvg.results.runs import aggregate, collect_results, compute_totals, load_result
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -177,7 +179,7 @@ def build_sample(tmp_path, params, cells, out_name="reports"):
         write_result(runs, "in1k-deit_s-mpvg", 0, {"top1": 70.0}, scale="paper")          # other scale
         write_result(runs, "in1k-old-cell", 0, {"top1": 1.0})                               # not in params
     out = tmp_path / out_name
-    build_reports(params, cells, runs, out, commit="0123abc")
+    build_reports(params, cells, runs, out, commit="0123abc", **report_inputs(params, cells, runs))
     return out
 
 
@@ -234,7 +236,7 @@ def test_params_mismatch_at_paper_scale_is_noted(tmp_path):
     runs = tmp_path / "runs"
     write_result(runs, "in1k-deit_ti-mpvg", 0, {"top1": 73.0}, scale="paper", params_count=5_721_640, params=params)
     write_result(runs, "in1k-deit_ti-pvg", 0, {"top1": 73.0}, scale="paper", params_count=5_000_000, params=params)
-    build_reports(params, cells, runs, tmp_path / "r", commit="x")
+    build_reports(params, cells, runs, tmp_path / "r", commit="x", **report_inputs(params, cells, runs))
     text = (tmp_path / "r" / "table1.md").read_text()
     assert "in1k-deit_ti-pvg seed 0: result.json reports 5,000,000 parameters, the full-size build has 5,721,256" in text
     assert "in1k-deit_ti-mpvg seed 0" not in text
@@ -253,7 +255,7 @@ def test_all_zero_cells_are_not_bold(tmp_path, params, cells):
     runs = tmp_path / "runs"
     for method in ("default", "lape", "pvg", "mpvg"):
         write_result(runs, f"coco-deit_ti-{method}", 0, {"bbox_ap": 0.0, "segm_ap": 0.0}, stage="detect", params=params)
-    build_reports(params, cells, runs, tmp_path / "r", commit="x")
+    build_reports(params, cells, runs, tmp_path / "r", commit="x", **report_inputs(params, cells, runs))
     (t3,) = parse_pipe_tables((tmp_path / "r" / "table3.md").read_text())
     assert [r[3] for r in t3[1:]] == ["0.0"] * 4 and [r[6] for r in t3[1:]] == ["0.0"] * 4
     assert [r[5] for r in t3[1:]].count("**41.4**") == 1         # the paper's own best stays bold
@@ -435,7 +437,7 @@ def test_a_result_of_other_settings_is_stale_never_a_number(tmp_path, params, ce
                        "tiny.recipes.deit.lr=0.5"]))                                     # made with another lr
     assert json.loads(old.read_text())["signature"]
     out = tmp_path / "r"
-    build_reports(params, cells, runs, out, commit="x")
+    build_reports(params, cells, runs, out, commit="x", **report_inputs(params, cells, runs))
     (t1,) = parse_pipe_tables((out / "table1.md").read_text())
     deit = {r[1]: r for r in t1[1:5]}
     assert deit["PVG"][6] == "stale" and deit["MPVG"][6] == "73.00" and deit["MPVG"][-1] == "1/2"

@@ -75,7 +75,7 @@ CAPTIONS = {
 
 def find_cell(cells: dict, params: dict, model: str, method: str, overrides: dict, task: str = TASK) -> Optional[str]:
     """The cell id that trains ``model``/``method``/``overrides`` on ``task`` (effective PE), or None."""
-    from mpvg.reporting.paper import effective_pe
+    from mpvg.results.paper import effective_pe
 
     want = effective_pe(model, method, overrides, params)
     for cid in sorted(cells):
@@ -143,7 +143,7 @@ def _panels(loader: Loader, wants: list[Want], record: dict) -> list[tuple]:
 
 
 def _paper_fig6() -> dict:
-    from mpvg.reporting.paper import load_paper_numbers
+    from mpvg.results.paper import load_paper_numbers
 
     rows = [r for r in load_paper_numbers() if r.table == "F6"]
     out = {}
@@ -240,7 +240,7 @@ def _num(v) -> str:
 
 def summary_tables(result: dict) -> list:
     """The numbers of analysis.json as tables: figure status, Appendix values, correlations."""
-    from mpvg.reporting.render import Table
+    from mpvg.results.render import Table
 
     status = Table("analysis-status", "Figures", "Which panels were drawn and why others are missing.",
                    ["Figure", "Status", "Missing panels"], "lll")
@@ -271,8 +271,7 @@ def summary_tables(result: dict) -> list:
 def write_summary(result: dict, out: Path | str, params: dict) -> Path:
     """``out/analysis.md`` and, when mpvg.tracking offers it, the numbers to MLflow."""
     from mpvg import tracking
-    from mpvg.reporting.render import render_markdown
-    from mpvg.reporting.tables import scale_note
+    from mpvg.results.render import render_markdown, scale_note
 
     out = Path(out)
     text = (f"# Analysis numbers\n\n> {scale_note(params.get('scale', '?'))}\n\n"

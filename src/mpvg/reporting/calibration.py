@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from mpvg.reporting.render import Table
-from mpvg.reporting.tables import MISSING, PENDING, scale_note
+from mpvg.reporting.tables import MISSING, PENDING
+from mpvg.results.render import Table, scale_note
 from mpvg.run.layout import RESULT
 
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from mpvg.reporting.paper import METRICS
-from mpvg.reporting.render import Entry, Table, latex_document, latex_escape, render_markdown
-from mpvg.reporting.results import metric_value
 from mpvg.reporting.sequential import ALPHA, MIN_SEEDS, POWER
+from mpvg.results.paper import METRICS
+from mpvg.results.render import Entry, Table, latex_document, latex_escape, render_markdown
+from mpvg.results.runs import metric_value
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
 LEVEL = 1 - ALPHA  # the descriptive interval over every finite seed (the verdicts use each round's level)

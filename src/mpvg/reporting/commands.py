@@ -23,14 +23,28 @@ def register(subparsers) -> None:
 
 def planned_gpu_hours(params: dict, cells: dict):
     """cell -> GPU-hours of one seed from the workflow's cost model (paper and budget scales; None
-    at the tiny scale). The claims page prices each claim's next round with it; it is handed in
-    from this command line so that the reporting package itself does not import the workflow."""
+    at the tiny scale). The claims page prices each claim's next round with it."""
     from mpvg.workflow.cost import PLANNED_SCALES
     from mpvg.workflow.plan import paper_gpu_hours
 
     if params["scale"] not in PLANNED_SCALES:
         return None
     return {cid: paper_gpu_hours(params, cell) for cid, cell in cells.items()}
+
+
+def report_inputs(params: dict, cells: dict, runs) -> dict:
+    """What the report needs from the workflow, as plain data, the keyword arguments of
+    :func:`mpvg.reporting.report.build_reports` (the reporting package does not import the
+    workflow, docs/contracts.md "Layers"): ``current``, the runs whose result follows from the
+    current params (the rerun rule, mpvg.workflow.state.current_runs); ``seen``, the signatures of
+    the runs read, for build.json; ``planned``, the cost model's rows per task and model (None at
+    the tiny scale); ``gpu_hours``, :func:`planned_gpu_hours`."""
+    from mpvg.workflow.cost import PLANNED_SCALES, cost_rows, rows_by_model
+    from mpvg.workflow.state import current_runs, seen_record
+
+    planned = rows_by_model(cost_rows(params)) if params["scale"] in PLANNED_SCALES else None
+    return {"current": current_runs(params, runs), "seen": seen_record(params, "report", runs),
+            "planned": planned, "gpu_hours": planned_gpu_hours(params, cells)}
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -42,7 +56,7 @@ def run_report(args: argparse.Namespace) -> int:
     out = args.out or params["paths"]["reports"]
     cells = expand_cells(params)
     written = build_reports(params, cells, runs, out, params_path=args.params, only=args.only,
-                            gpu_hours=planned_gpu_hours(params, cells))
+                            **report_inputs(params, cells, runs))
     if args.only:
         print(f"mpvg report: wrote {', '.join(str(p) for p in written)}")
     else:

@@ -11,16 +11,17 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from mpvg.reporting.calibration import build_calibration_table
 from mpvg.reporting.claims import INDEX_ENTRY, write_claims
-from mpvg.reporting.paper import load_paper_numbers
 from mpvg.reporting.planned import build_planned_cost_table
-from mpvg.reporting.render import (Table, latex_comment, latex_document, render_latex, render_markdown_page)
-from mpvg.reporting.results import (collect_results, commits_of, compute_totals, newest_result_time,
-                                    split_by_scale, split_current)
-from mpvg.reporting.tables import build_all, scale_note
+from mpvg.reporting.tables import build_all
+from mpvg.results.paper import load_paper_numbers
+from mpvg.results.render import (Table, latex_comment, latex_document, render_latex, render_markdown_page,
+                                 scale_note)
+from mpvg.results.runs import (collect_results, commits_of, compute_totals, newest_result_time, split_by_scale,
+                               split_current)
 from mpvg.runinfo import git_commit
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".json", ".md")
@@ -188,16 +189,23 @@ def write_table_metrics(out: Path, cells: dict, results: dict[str, list[dict]]) 
 
 
 def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path | str, *,
-                  commit: Optional[str] = None, params_path: str = "params.yaml",
-                  paper_csv: Optional[Path] = None, only: Optional[list[str]] = None,
-                  check_signatures: bool = True, gpu_hours: Optional[dict] = None) -> list[Path]:
+                  current: Optional[Mapping[tuple[str, int], Optional[str]]], seen: Optional[dict] = None,
+                  planned: Optional[list[dict]] = None, commit: Optional[str] = None,
+                  params_path: str = "params.yaml", paper_csv: Optional[Path] = None,
+                  only: Optional[list[str]] = None, gpu_hours: Optional[dict] = None) -> list[Path]:
     """Read results, write every table and the index under ``out_dir``; return the written paths.
 
-    Only results that follow from the current params are shown (``check_signatures``: a result
-    whose run signature differs is 'stale'; off only for tests of the layout on hand-made
-    results). ``only``: table keys (``["T2"]``) whose files alone are rewritten. ``gpu_hours``: cell ->
-    planned GPU-hours of one seed, which prices each claim's next round (the command line hands in
-    the workflow's cost model; without it, the mean GPU-hours the cell's results report)."""
+    What comes from the workflow is handed in by the command line
+    (:func:`mpvg.reporting.commands.report_inputs`; reporting does not import the workflow):
+    ``current``: every run of the params, ``(cell, seed)``, with the signature of its result when
+    it is current, else None (:func:`mpvg.results.runs.split_current`); only those results are
+    shown, a result made with other settings is 'stale'. ``None`` shows every result unchecked,
+    only for tests of the layout on hand-made results. ``seen``: the signatures of the runs read
+    (:func:`mpvg.workflow.state.seen_record`), written into build.json for the workflow's rerun
+    rule. ``planned``: the cost model's rows per task and model for the planned-cost table (None
+    at the tiny scale). ``only``: table keys (``["T2"]``) whose files alone are rewritten.
+    ``gpu_hours``: cell -> planned GPU-hours of one seed, which prices each claim's next round
+    (without it, the mean GPU-hours the cell's results report)."""
     started = time.perf_counter()
     out = Path(out_dir)
     paper_rows = load_paper_numbers(paper_csv) if paper_csv else load_paper_numbers()
@@ -205,15 +213,15 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
     notice = scale_note(scale)
     results, skipped = split_by_scale(collect_results(runs_dir), scale)
     stale: dict[str, list[int]] = {}
-    if check_signatures:
-        results, stale, other_seeds = split_current(params, results, runs_dir)
+    if current is not None:
+        results, stale, other_seeds = split_current(results, current)
         skipped = sorted(skipped + other_seeds)
     tables = build_all(paper_rows, cells, params, results, stale)
     calibration = build_calibration_table(cells, runs_dir, params)  # once `mpvg eval --weights` has run
     if calibration is not None:
         tables.append(calibration)
-    planned = build_planned_cost_table(params)  # planned GPU-hours for the seeds (paper/budget scale)
-    tables += [planned] if planned else []
+    plan_table = build_planned_cost_table(params, planned)  # planned GPU-hours for the seeds (paper/budget scale)
+    tables += [plan_table] if plan_table else []
     if only:
         from mpvg.reporting.tables import TABLE_SPECS
 
@@ -254,9 +262,6 @@ def build_reports(params: dict, cells: dict, runs_dir: Path | str, out_dir: Path
                                                           figure_entries(out / "figures"))))
     build = {**meta, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "build_wall_time_s": round(time.perf_counter() - started, 3)}
-    if check_signatures:  # the runs this report shows, by signature (the workflow's rerun rule reads it)
-        from mpvg.workflow.state import seen_record
-
-        build.update(seen_record(params, "report", runs_dir))
+    build.update(seen or {})  # the runs this report shows, by signature (the workflow's rerun rule reads it)
     written.append(_write(out / "build.json", json.dumps(build, indent=2, sort_keys=True) + "\n"))
     return written

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Optional
 
-from mpvg.reporting.paper import PaperRow, effective_pe, match_cells
-from mpvg.reporting.render import Entry, Table
-from mpvg.reporting.results import Aggregate, aggregate, compute_totals, metric_value
+from mpvg.results.paper import PaperRow, effective_pe, match_cells
+from mpvg.results.render import Entry, Table
+from mpvg.results.runs import Aggregate, aggregate, compute_totals, metric_value
 
 PENDING = "pending"
 STALE = "stale"
@@ -118,15 +118,6 @@ def _ours(agg: Optional[Aggregate], d: int) -> str:
     if agg.std is None:
         return _fmt(agg.mean, d)
     return f"{_fmt(agg.mean, d)} ± {_fmt(agg.std, d)}"
-
-
-def scale_note(scale: str) -> str:
-    """The scale notice of a page (printed once per page, never in a caption)."""
-    if scale == "paper":
-        return "Scale: paper (the paper's datasets, models and schedules)."
-    return (f"Scale: {scale}. The reproduced numbers come from shrunk models trained for a few epochs on "
-            "generated data: they show that the pipeline runs end to end and are not comparable with the "
-            "paper's values.")
 
 
 def best_indices(values: list[Optional[float]], d: int) -> set[int]:

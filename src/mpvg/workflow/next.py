@@ -185,16 +185,17 @@ def run_next(params: dict, runs_dir: str, budget: float, params_file: str = "par
     """Read the runs, judge the claims, plan the round; the text `mpvg workflow next` prints."""
     from mpvg.config import cell_seeds, expand_cells
     from mpvg.reporting.claims import judge_all, load_claims
-    from mpvg.reporting.results import collect_results, split_by_scale, split_current
+    from mpvg.results.runs import collect_results, split_by_scale, split_current
     from mpvg.workflow.cost import PLANNED_SCALES
     from mpvg.workflow.plan import paper_gpu_hours
+    from mpvg.workflow.state import current_runs
 
     if params["scale"] not in PLANNED_SCALES:
         raise ValueError(f"the cost model is for the {' or '.join(PLANNED_SCALES)} scale, not {params['scale']!r}: "
                          "use --set scale=budget or --set scale=paper")
     cells = expand_cells(params)
     results, _ = split_by_scale(collect_results(runs_dir), params["scale"])
-    results, stale, _ = split_current(params, results, runs_dir)
+    results, stale, _ = split_current(results, current_runs(params, runs_dir))
     gpu_hours = {cid: paper_gpu_hours(params, cell) for cid, cell in cells.items()}
     verdicts = judge_all(load_claims(), cells, results, params["scale"], stale=stale, gpu_hours=gpu_hours)
     have = {cid: v.n_a if v.claim.a == cid else v.n_b for v in verdicts for cid in (v.claim.a, v.claim.b)}

@@ -225,6 +225,19 @@ def plan_states(params: Mapping, runs: str | Path | None = None) -> tuple[list, 
     return jobs, job_states(p, jobs)
 
 
+def current_runs(params: Mapping, runs: str | Path | None = None) -> dict[tuple[str, int], str | None]:
+    """``{(cell, seed): the signature its result.json records if the run is current, else None}``
+    for every run of the plan: what the command line hands the readers
+    (:func:`mpvg.results.runs.split_current`), which do not plan the DAG themselves."""
+    jobs, states = plan_states(params, runs)
+    out: dict[tuple[str, int], str | None] = {}
+    for job in jobs:
+        if job.cell:
+            st = states[(job.rule, job.key)]
+            out[(job.cell, job.seed)] = st.recorded if st.current else None
+    return out
+
+
 def seen_record(params: Mapping, rule: str, runs: str | Path | None = None) -> dict:
     """What ``analyze`` / ``report`` write into their record (``analysis.json`` / ``build.json``):
     the signatures of the runs they read now (``None`` for a run that is not current)."""

@@ -185,3 +185,12 @@ def latex_document(tables: list[Table], notice: str = "") -> str:
                  "\\pagestyle{notice}\n")
     body = "\n\\clearpage\n".join(render_latex(t) for t in tables)
     return LATEX_PREAMBLE + style + "\\begin{document}\n" + body + "\\end{document}\n"
+
+
+def scale_note(scale: str) -> str:
+    """The scale notice of a page (printed once per page, never in a caption)."""
+    if scale == "paper":
+        return "Scale: paper (the paper's datasets, models and schedules)."
+    return (f"Scale: {scale}. The reproduced numbers come from shrunk models trained for a few epochs on "
+            "generated data: they show that the pipeline runs end to end and are not comparable with the "
+            "paper's values.")

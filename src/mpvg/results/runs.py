@@ -10,7 +10,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 REQUIRED_FIELDS = ("cell", "stage", "seed", "scale", "metrics")
 
@@ -110,31 +110,29 @@ def compute_totals(results: dict[str, list[dict]]) -> dict:
     return out
 
 
-def split_current(params: dict, results: dict[str, list[dict]], runs_dir: Path | str
+def split_current(results: dict[str, list[dict]], current: Mapping[tuple[str, int], Optional[str]]
                   ) -> tuple[dict[str, list[dict]], dict[str, list[int]], list[str]]:
     """Keep only results that follow from the current params: ``(current, stale, left_out)``.
 
-    A result is current when its run signature is the one the current params give (the workflow's
-    rerun rule, mpvg.workflow.state); ``stale`` maps a cell to the seeds whose result was made with
-    other settings (shown as ``stale``, never as a number); ``left_out`` lists results of seeds
-    params.yaml does not run."""
-    from mpvg.workflow.state import plan_states
-
-    jobs, states = plan_states(params, runs_dir)
-    by_run = {(j.cell, j.seed): states[(j.rule, j.key)] for j in jobs if j.cell}
-    current: dict[str, list[dict]] = {}
+    ``current`` holds every run the current params make, ``(cell, seed)``, with the signature its
+    result.json records when the workflow's rerun rule finds it current, else ``None``; the command
+    line computes it (:func:`mpvg.workflow.state.current_runs`), so the readers do not plan the DAG.
+    A result is shown when it is the one judged current (same signature); ``stale`` maps a cell to
+    the seeds whose result was made with other settings (shown as ``stale``, never as a number);
+    ``left_out`` lists results of seeds params.yaml does not run."""
+    kept: dict[str, list[dict]] = {}
     stale: dict[str, list[int]] = {}
     left_out: list[str] = []
     for cid, rs in results.items():
         for r in rs:
-            st = by_run.get((cid, int(r["seed"])))
-            if st is None:
+            key = (cid, int(r["seed"]))
+            if key not in current:
                 left_out.append(r["_path"])
-            elif st.current and r.get("signature") == st.recorded:
-                current.setdefault(cid, []).append(r)
+            elif current[key] is not None and r.get("signature") == current[key]:
+                kept.setdefault(cid, []).append(r)
             else:
                 stale.setdefault(cid, []).append(int(r["seed"]))
-    return current, stale, sorted(left_out)
+    return kept, stale, sorted(left_out)
 
 
 def commits_of(results: dict[str, list[dict]]) -> dict[str, int]:
