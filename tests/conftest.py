@@ -73,6 +73,33 @@ def mlflow_server(folder: Path, port: int | None = None):
         proc.wait(timeout=60)
 
 
+def processes_in(folder: Path) -> dict[int, str]:
+    """The processes (pid -> command line) whose working directory is ``folder`` or below it, this
+    one excepted: what Snakemake started there (its jobs run in the workflow folder)."""
+    root = os.path.realpath(folder)
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone, or another user's
+            continue
+        if cwd == root or cwd.startswith(root + os.sep):
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def wait_until_no_process_in(folder: Path, timeout: float = 120) -> None:
+    """Until every process working in ``folder`` has exited (e.g. the jobs of a Snakemake that was
+    stopped); fails listing those still there after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while left := processes_in(folder):
+        assert time.monotonic() < deadline, f"still running in {folder} after {timeout:g} s: {left}"
+        time.sleep(0.2)
+
+
 def copy_workflow(dest: Path) -> Path:
     """The workflow files copied into ``dest`` (created), a fresh git repository (DVC wants one)."""
     dest.mkdir(parents=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run
+from conftest import run, wait_until_no_process_in
 from mpvg.config import load_params, resolve_run
 from mpvg.signature import cell_inputs, digest
 from mpvg.workflow import plan as wf
@@ -373,7 +373,7 @@ def test_the_same_command_completes_an_interrupted_dag(workdir, sig_name):
     small_grid(workdir)
     stopped = interrupt_dag(workdir, getattr(signal, sig_name))
     assert stopped.returncode != 0, stopped.stdout[-4000:]
-    time.sleep(3)  # jobs of a killed Snakemake notice their parent is gone at their next step
+    wait_until_no_process_in(workdir)  # jobs of a killed Snakemake notice their parent is gone at their next step
     done = {p: d for p, d in results(workdir).items()}
     assert done
     again = run(["snakemake", "--cores", "2"], workdir, timeout=900)

@@ -4,7 +4,6 @@ with random erasing on ends bit-identical to an uninterrupted one."""
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
@@ -127,7 +126,7 @@ def test_resume_mid_epoch_with_device_erasing_ends_identical(tiny_data, tmp_path
     by SIGTERM mid-epoch and resumed ends with the uninterrupted run's weights, bit for bit."""
     import signal
 
-    from test_training import (CELL, assert_same_weights, start_cli, train_in_process, wait_for, weights,
+    from test_training import (CELL, assert_same_weights, start_cli, train_in_process, wait_for_step, weights,
                                write_params)
 
     params = write_params(tmp_path / "p", tiny_data, epochs=2, reprob=0.25, remode="pixel")
@@ -138,8 +137,7 @@ def test_resume_mid_epoch_with_device_erasing_ends_identical(tiny_data, tmp_path
     out = tmp_path / "run"
     proc = start_cli(["train", "--params", str(params), "--cell", CELL, "--out", str(out), "--no-tracking",
                       "--log-interval", "1"], tmp_path)
-    wait_for(lambda: (out / "log.txt").exists() and "training " in (out / "log.txt").read_text(), proc)
-    time.sleep(0.3)  # a few steps into the first epoch
+    wait_for_step(out, proc, epochs=2)  # the run's own log: step 1 of epoch 1 is done
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     stopped = torch.load(out / "checkpoint.pt", weights_only=False)

@@ -5,10 +5,10 @@ Stand-in GPUs: MPVG_GPUS=N (the real count comes from /dev/nvidiaN)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,10 +29,16 @@ def holder(n: int, seconds: float, env: dict) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def next_line(stream, timeout: float, what: str) -> str:
+    """The next line ``stream`` gives, waiting at most ``timeout`` s for one; fails naming ``what``."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"not within {timeout:g} s: {what}"
+    return stream.readline()
+
+
 def got(proc: subprocess.Popen, timeout: float = 60) -> list[str]:
-    deadline = time.monotonic() + timeout
-    line = proc.stdout.readline()  # blocks until the process has its devices (or ends)
-    assert line.startswith("GOT ") and time.monotonic() < deadline, (line, proc.stderr.read() if proc.poll() else "")
+    line = next_line(proc.stdout, timeout, f"pid {proc.pid} says which GPUs it got")
+    assert line.startswith("GOT "), (line, proc.stderr.read() if proc.poll() is not None else "")
     return line.split()[1].split(",")
 
 
@@ -49,7 +55,7 @@ def test_concurrent_jobs_get_disjoint_gpus_and_a_dead_jobs_gpus_come_back(stand_
     try:
         assert got(first) == ["0", "1", "2"]
         second = holder(2, 300, stand_in_gpus)  # one GPU is free: it waits, saying for whom
-        message = second.stderr.readline()
+        message = next_line(second.stderr, 60, f"pid {second.pid} says it waits for GPUs")
         assert message.startswith("mpvg launch: waiting for 2 free GPUs of 4") and f"pid {first.pid}" in message, message
         os.kill(first.pid, signal.SIGKILL)  # a job that dies without cleaning up
         first.wait()

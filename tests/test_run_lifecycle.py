@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from test_training import (CELL, EPOCHS, assert_same_weights, cli_env, reference, start_cli,  # noqa: F401
-                           tiny_data, train_in_process, wait_for, weights, write_params)
+                           tiny_data, train_in_process, wait_for_start, wait_for_step, weights, write_params)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -150,7 +150,7 @@ def test_a_second_writer_on_the_same_folder_exits_at_once_naming_the_holder(refe
     out = tmp_path / "run"
     first = start_cli(["train", "--params", str(params), "--cell", CELL, "--out", str(out), "--no-tracking"], tmp_path)
     try:
-        wait_for(lambda: (out / "log.txt").exists() and "training " in (out / "log.txt").read_text(), first)
+        wait_for_start(out, first)
 
         def timed(folder: Path) -> tuple[subprocess.CompletedProcess, float]:
             started = time.time()
@@ -204,13 +204,6 @@ def test_files_follow_the_umask(tiny_data, tmp_path):
 
 
 # ------------------------------------------------------------------------------ interruption
-def wait_for_step(out: Path, proc: subprocess.Popen, step: int = 1, epoch: int = 1) -> None:
-    """Until the run's own log says it finished ``step`` of ``epoch`` (a line per --log-interval steps):
-    a signal sent then lands inside that epoch, not at a time a sleep guessed."""
-    line = f"epoch {epoch}/{EPOCHS} step {step}/"
-    wait_for(lambda: (out / "log.txt").exists() and line in (out / "log.txt").read_text(), proc)
-
-
 def interrupt_mid_epoch(params: Path, out: Path, sig: int, cwd: Path) -> subprocess.CompletedProcess:
     proc = start_cli(["train", "--params", str(params), "--cell", CELL, "--out", str(out), "--no-tracking",
                       "--log-interval", "1"], cwd)
@@ -266,10 +259,10 @@ def test_a_run_whose_parent_dies_saves_and_stops(reference, tmp_path):
     wait_for_step(out, parent)
     parent.kill()
     parent.wait()
-    end = time.time() + 60  # the orphan (not our child: no wait()) saves and exits on its own
-    while Path(f"/proc/{child}").exists() and time.time() < end:
+    end = time.monotonic() + 60  # the orphan (not our child: no wait()) saves and exits on its own
+    while Path(f"/proc/{child}").exists() and time.monotonic() < end:
         time.sleep(0.05)
-    assert not Path(f"/proc/{child}").exists()
+    assert not Path(f"/proc/{child}").exists(), f"the run (pid {child}) still runs 60 s after its parent died"
     log = (out / "log.txt").read_text()
     assert "the parent process" in log and "is gone: saving a checkpoint and stopping" in log
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -401,7 +394,7 @@ def test_status_shows_running_interrupted_stale_and_pending_runs(reference, tiny
     (busy / "metrics.jsonl").write_text(json.dumps({"event": "metrics", "step": 2, "metrics": {}}) + "\n")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from mpvg.run.folder import FolderLock; "
-                               f"FolderLock(Path({str(busy)!r})).acquire(); print('held', flush=True); time.sleep(60)"],
+                               f"FolderLock(Path({str(busy)!r})).acquire(); print('held', flush=True); time.sleep(600)"],
                               env=cli_env(), stdout=subprocess.PIPE, text=True)  # POSIX locks are per process
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -7,6 +7,7 @@ import contextlib
 import getpass
 import json
 import multiprocessing
+import re
 import socket
 import threading
 import time
@@ -22,10 +23,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextlib.contextmanager
-def silent_server(answers: int = 0):
+def silent_server(answers: int = 0, accepted: list | None = None, then: str = "hang"):
     """``http://127.0.0.1:<port>`` of a socket that accepts connections and never answers
     (after answering the first ``answers`` requests with ``200 OK``, as a server that hangs
-    mid-run)."""
+    mid-run). ``then="refuse"``: after those answers the socket closes (a server that died), so
+    that later calls fail at once. Each connection it accepts is appended to ``accepted``."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(64)
@@ -38,12 +40,17 @@ def silent_server(answers: int = 0):
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
                 conn = server.accept()[0]
+                if accepted is not None:
+                    accepted.append(conn.getpeername())
                 if left > 0:
                     left -= 1
                     conn.settimeout(5)
                     conn.recv(65536)
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK")
                     conn.close()
+                    if left == 0 and then == "refuse":
+                        server.close()
+                        return
                 else:
                     held.append(conn)
 
@@ -118,23 +125,40 @@ def test_run_is_logged_with_tags_params_metrics_and_artifacts(tiny_data, tmp_pat
     assert str(out / "checkpoint.pt") in card and "last_ln_pe" in card and "| top1 |" in card
 
 
+def tracked_life(out: Path, uri: str, **opts):
+    """A job's whole tracked life (start, three metrics, an artifact, the end), its tracker offline
+    from the start: the tracker and the seconds it took."""
+    from mpvg.tracking import RunTracker
+
+    begin = time.monotonic()
+    tracker = RunTracker(out, uri, "tests", **opts)
+    assert tracker.start("job", {"cell": "c", "task": "in1k"}, {"recipe": {"lr": 0.1}}) is None
+    for step in (1, 2, 3):
+        tracker.log_metrics({"loss": 1.0 / step}, step)
+    tracker.log_artifact(out / "metrics.jsonl")
+    tracker.finish("FINISHED")
+    return tracker, time.monotonic() - begin
+
+
 def test_silent_server_costs_seconds_not_minutes(tmp_path, caplog):
     """A server that accepts connections and never answers: the whole tracked life of a job
-    (start, metrics, artifact, end) costs one 2 s probe, then the job runs offline; `tracking
-    init` and `tracking sync` fail as fast, naming the URI."""
-    from mpvg.tracking import PROBE_TIMEOUT_S, RunTracker, TrackingError, init_store, sync
+    (start, metrics, artifact, end) costs one 2 s probe (one connection), then the job runs
+    offline; `tracking init` and `tracking sync` fail as fast, naming the URI. The baseline: the
+    same calls where the server is gone (connection refused: offline at once), timed here."""
+    from mpvg.tracking import PROBE_TIMEOUT_S, TrackingError, init_store, sync
 
-    out = tmp_path / "run"
-    with silent_server() as uri:
-        begin = time.monotonic()
-        tracker = RunTracker(out, uri, "tests")
-        assert tracker.start("job", {"cell": "c", "task": "in1k"}, {"recipe": {"lr": 0.1}}) is None
-        for step in (1, 2, 3):
-            tracker.log_metrics({"loss": 1.0 / step}, step)
-        tracker.log_artifact(out / "metrics.jsonl")
-        tracker.finish("FINISHED")
-        spent = time.monotonic() - begin
-        assert PROBE_TIMEOUT_S <= spent < PROBE_TIMEOUT_S + 3, spent  # it was 94 s: 3 x 30 s timeouts
+    dead = f"http://127.0.0.1:{free_port()}"
+    _, base = tracked_life(tmp_path / "base", dead)
+    begin = time.monotonic()
+    for call in (lambda: init_store(dead, "tests"), lambda: sync(tmp_path / "base", dead, "tests")):
+        with pytest.raises(TrackingError, match=re.escape(dead)):
+            call()
+    base_fail = time.monotonic() - begin
+    out, accepted = tmp_path / "run", []
+    with silent_server(accepted=accepted) as uri:
+        tracker, spent = tracked_life(out, uri)
+        assert len(accepted) == 1, accepted  # the probe, then nothing: it was 94 s, 3 x 30 s timeouts
+        assert PROBE_TIMEOUT_S <= spent < PROBE_TIMEOUT_S + 3 * base + 1.0, (spent, base)
         assert not tracker.online and "continuing without it" in caplog.text and uri in caplog.text
 
         begin = time.monotonic()
@@ -142,26 +166,36 @@ def test_silent_server_costs_seconds_not_minutes(tmp_path, caplog):
             init_store(uri, "tests")
         with pytest.raises(TrackingError, match=f"cannot open an MLflow run at {uri}"):
             sync(out, uri, "tests")
-        assert time.monotonic() - begin < 2 * PROBE_TIMEOUT_S + 3
+        spent = time.monotonic() - begin
+        assert len(accepted) == 3, accepted  # a probe each
+        assert 2 * PROBE_TIMEOUT_S <= spent < 2 * PROBE_TIMEOUT_S + 3 * base_fail + 1.0, (spent, base_fail)
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "metrics", "metrics", "metrics", "artifact", "end"]
 
 
 def test_server_that_hangs_after_answering_costs_one_call(tmp_path, caplog):
-    """`/health` answers, then nothing does: the first MLflow call times out (5 s, one retry)
-    and the job is offline for the rest; the defaults MLflow gets must parse (an int factor)."""
-    from mpvg.tracking import RunTracker
+    """`/health` answers, then nothing does: the first MLflow call times out (5 s, one retry: two
+    connections) and the job is offline for the rest; the defaults MLflow gets must parse (an int
+    factor). The baseline: the same calls where the server dies after `/health` (refused at once)."""
+    from mpvg.tracking import HTTP_DEFAULTS, RunTracker
 
-    with silent_server(answers=1) as uri:
-        import mlflow  # noqa: F401  (imported before the clock starts: it takes seconds on a busy machine)
-
-        tracker = RunTracker(tmp_path / "run", uri, "tests", system_metrics=False)
+    def calls(uri: str, out: Path) -> float:
+        tracker = RunTracker(out, uri, "tests", system_metrics=False)
         begin = time.monotonic()
         assert tracker.start("job", {"task": "in1k"}, {}) is None
         tracker.log_metrics({"loss": 1.0}, 1)
         tracker.finish("FINISHED")
-        spent = time.monotonic() - begin
-    assert 10 <= spent < 15, spent  # 2 x 5 s read timeouts (+ jitter), then nothing more
+        assert not tracker.online
+        return time.monotonic() - begin
+
+    with silent_server(answers=1, then="refuse") as uri:
+        base = calls(uri, tmp_path / "base")  # first: it also pays MLflow's imports
+    accepted = []
+    with silent_server(answers=1, accepted=accepted) as uri:
+        spent = calls(uri, tmp_path / "run")
+    timeout = float(HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    assert len(accepted) == 3, accepted  # /health, the first call and its one retry, then nothing more
+    assert 2 * timeout <= spent < 2 * timeout + 3 * base + 1.0, (spent, base)  # the first retry has no backoff
     assert "Read timed out. (read timeout=5)" in caplog.text and "Failed to convert" not in caplog.text
 
 
@@ -205,16 +239,19 @@ def test_sync_completes_a_run_cut_off_by_a_dying_store_under_its_own_id(tmp_path
     uri, out = sqlite_uri(tmp_path), tmp_path / "run"
     (out / "card.md").parent.mkdir(parents=True)
     (out / "card.md").write_text("card")
+    begin = time.monotonic()  # the baseline: calls while the store answers
     tracker = RunTracker(out, uri, "tests", system_metrics=False)
     run_id = tracker.start("c-seed0", {"cell": "c", "task": "c100", "seed": 0}, {"recipe": {"lr": 0.1}})
     tracker.log_metrics({"loss": 1.0}, 1)
+    base = time.monotonic() - begin
     tracker._client = _client(f"http://127.0.0.1:{free_port()}")  # the server is gone
     begin = time.monotonic()
     for step in (2, 3):
         tracker.log_metrics({"loss": 1.0 / step, "top1": 10.0 * step}, step)
     tracker.log_artifact(out / "card.md", "docs")
     tracker.finish("FINISHED")
-    assert time.monotonic() - begin < 5 and not tracker.online
+    spent = time.monotonic() - begin
+    assert spent < 3 * base + 1.0 and not tracker.online, (spent, base)  # no retries with backoff
     (out / "result.json").write_text(json.dumps({"cell": "c", "mlflow_run_id": run_id}))
 
     client = MlflowClient(uri)
@@ -437,9 +474,11 @@ def test_a_real_server_killed_mid_run_then_sync_completes_the_run(tmp_path):
     out.mkdir()
     (out / "card.md").write_text("card")
     with mlflow_server(tmp_path, port) as (_, server):
+        begin = time.monotonic()  # the baseline: calls while the server answers
         tracker = RunTracker(out, uri, "tests", system_metrics=False)
         run_id = tracker.start("c-seed0", {"cell": "c", "task": "coco"}, {"recipe": {"lr": 0.1}})
         tracker.log_metrics({"loss": 1.0}, 1)
+        base = time.monotonic() - begin
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
         begin = time.monotonic()
@@ -447,7 +486,8 @@ def test_a_real_server_killed_mid_run_then_sync_completes_the_run(tmp_path):
             tracker.log_metrics({"loss": 1.0 / step}, step)
         tracker.log_artifact(out / "card.md")
         tracker.finish("FINISHED")
-        assert time.monotonic() - begin < 5 and not tracker.online
+        spent = time.monotonic() - begin
+        assert spent < 3 * base + 1.0 and not tracker.online, (spent, base)  # no retries with backoff
     with mlflow_server(tmp_path, port):
         client = MlflowClient(uri)
         assert client.get_run(run_id).info.status == "RUNNING"

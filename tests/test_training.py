@@ -63,15 +63,31 @@ def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    end = time.time() + timeout
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+    """Until ``predicate()`` holds (an event the run makes observable: a log line, a file), polling;
+    fails naming ``what`` never happened, or that ``proc`` ended first."""
+    end = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}):\n{proc.stdout.read()}")
-        if time.time() > end:
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        if time.monotonic() > end:
             proc.kill()
-            raise AssertionError("timed out")
+            raise AssertionError(f"not within {timeout:g} s: {what}")
         time.sleep(0.01)
+
+
+def wait_for_step(out: Path, proc: subprocess.Popen, step: int = 1, epoch: int = 1, epochs: int = EPOCHS) -> None:
+    """Until the run's own log says it finished ``step`` of ``epoch`` (a line per --log-interval steps):
+    a signal sent then lands inside that epoch, not at a time a sleep guessed."""
+    line = f"epoch {epoch}/{epochs} step {step}/"
+    log = out / "log.txt"
+    wait_for(lambda: log.exists() and line in log.read_text(), proc, f"{log} says '{line}'")
+
+
+def wait_for_start(out: Path, proc: subprocess.Popen) -> None:
+    """Until the run's own log says it started training (its folder is taken and the model built)."""
+    log = out / "log.txt"
+    wait_for(lambda: log.exists() and "training " in log.read_text(), proc, f"{log} says 'training '")
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -208,7 +224,7 @@ def test_resume_after_sigkill_ends_identical(reference, tmp_path):
     out = tmp_path / "run"
     ckpt = out / "checkpoint.pt"
     proc = start_cli(["train", "--params", str(params), "--cell", CELL, "--out", str(out), "--no-tracking"], tmp_path)
-    wait_for(ckpt.exists, proc)
+    wait_for(ckpt.exists, proc, f"the first epoch's {ckpt} is written")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -228,8 +244,7 @@ def test_sigterm_checkpoints_mid_epoch_exits_for_requeue_and_resumes_identical(r
     out = tmp_path / "run"
     proc = start_cli(["train", "--params", str(params), "--cell", CELL, "--out", str(out), "--no-tracking",
                       "--log-interval", "1"], tmp_path)
-    log = out / "log.txt"
-    wait_for(lambda: log.exists() and f"epoch 1/{EPOCHS} step 1/" in log.read_text(), proc)  # inside epoch 1
+    wait_for_step(out, proc)  # inside epoch 1
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == REQUEUE_EXIT_CODE, output
