@@ -44,4 +44,25 @@ for _job in [job for job in JOBS.values() if job.target]:
 rule figures:
     input:
         f"{REPORTS}/figures",
+        upstream_markers([f"{REPORTS}/figures"]),
     localrule: True
+
+
+# A job that must run while its output is there (mpvg.workflow.state.stale_markers: its settings
+# changed where Snakemake kept no record, e.g. after `dvc checkout`) reads one of these markers:
+# Snakemake runs this local job first, then that job (deleting its old output), then deletes the
+# marker. A dry run lists it with the reason.
+rule stale:
+    output:
+        temp(f"{STALE_DIR}/{{name}}"),
+    params:
+        why=lambda wildcards: STALE.get(f"{STALE_DIR}/{wildcards.name}", ("", "", "?"))[2],
+    wildcard_constraints:
+        name=r"[^/]+",
+    localrule: True
+    run:
+        for old in Path(STALE_DIR).glob(wildcards.name.rsplit(".", 1)[0] + ".*"):
+            if str(old) != output[0]:  # left by a Snakemake killed before its job ran
+                old.unlink(missing_ok=True)
+        print(f"mpvg: runs again: {params.why}", file=sys.stderr)
+        Path(output[0]).write_text(params.why + "\n")
