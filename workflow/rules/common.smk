@@ -330,8 +330,8 @@ onstart:
         raise WorkflowError("cannot start:\n  - " + "\n  - ".join(problems))
     if forced_runs():  # the per-job Snakemakes of cluster jobs learn from here which runs retrain
         os.environ[RETRAIN_ENV] = " ".join(sorted(forced_runs()))
-        print(f"mpvg: {len(forced_runs())} runs train again from scratch (--forceall / -R / --forcerun / "
-              "--forcetargets); their previous state goes to previous/<time>/", file=sys.stderr)
+        print("mpvg: the runs that --forceall / -R / --forcerun / --forcetargets rerun, and those downstream, train "
+              "again from scratch (--retrain; their previous state goes to previous/<time>/)", file=sys.stderr)
     shell(f"mpvg tracking {COMMON} init")
 
 
