@@ -269,8 +269,8 @@ def command(rule):
 
     def get(wildcards, resources):
         job = job_of(rule, wildcards)
-        text = job.shell(gpus=resources.get("gpu", 0))
-        return wf.Opaque(text + " --retrain" if job.stage_name in forced_runs() else text)
+        retrain = " --retrain" if job.stage_name in forced_runs() else ""
+        return wf.Opaque(f"{job.shell(gpus=resources.get('gpu', 0))}{retrain}")
 
     return get
 

@@ -55,14 +55,16 @@ rule figures:
 rule stale:
     output:
         temp(f"{STALE_DIR}/{{name}}"),
+    log:
+        f"{RUNS}/logs/stale/{{name}}.log",
     params:
         why=lambda wildcards: STALE.get(f"{STALE_DIR}/{wildcards.name}", ("", "", "?"))[2],
+        # markers of the same job left by a Snakemake killed before that job ran
+        leftovers=lambda wildcards: wf.Opaque(" ".join(
+            shlex.quote(str(p)) for p in sorted(Path(STALE_DIR).glob(f"{wildcards.name.rsplit('.', 1)[0]}.*"))
+            if str(p) != f"{STALE_DIR}/{wildcards.name}")),
     wildcard_constraints:
         name=r"[^/]+",
     localrule: True
-    run:
-        for old in Path(STALE_DIR).glob(wildcards.name.rsplit(".", 1)[0] + ".*"):
-            if str(old) != output[0]:  # left by a Snakemake killed before its job ran
-                old.unlink(missing_ok=True)
-        print(f"mpvg: runs again: {params.why}", file=sys.stderr)
-        Path(output[0]).write_text(params.why + "\n")
+    shell:
+        "rm -f {params.leftovers}; printf 'mpvg: runs again: %s\\n' {params.why:q} | tee {output} {log} >&2"
