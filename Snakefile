@@ -30,4 +30,5 @@ localrules:
 rule all:
     input:
         wf.targets(P),
+        upstream_markers(wf.targets(P)),
     default_target: True

@@ -90,7 +90,8 @@ def fabricate_finished(repo: Path, overrides: list[str] | None = None) -> list:
 
 
 def planned(repo: Path, *args: str) -> dict[str, set]:
-    """``{rule: {first output of each job}}`` of `snakemake -n` (the final `all` left out)."""
+    """``{rule: {first output of each job}}`` of `snakemake -n` (the final `all` and the stale markers'
+    jobs left out: rule `stale` makes an input that tells Snakemake a job must run)."""
     res = run(["snakemake", "-n", *args], repo, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:]
     jobs: dict[str, set] = {}
@@ -107,6 +108,7 @@ def planned(repo: Path, *args: str) -> dict[str, set]:
                 jobs.setdefault(rule, set())
             rule = None
     jobs.pop("all", None)
+    jobs.pop("stale", None)
     return jobs
 
 

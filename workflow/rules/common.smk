@@ -59,30 +59,56 @@ wildcard_constraints:
 # real inputs) and is told the rule in its own terms (docs/workflow.md, "The rerun rule in
 # Snakemake's terms"): each job's `params: sig` is the digest of what decides its output (the params
 # rerun trigger, `--list-changes params`); where Snakemake keeps no record (a fresh clone, outputs
-# restored by `dvc checkout`), the run signature in result.json is the witness: the main Snakemake
-# sets aside an output that is not current (a missing output reruns the job and everything
-# downstream) and stamps current outputs no older than their inputs (as `snakemake --touch` does).
+# restored by `dvc checkout`), the run signature in result.json is the witness: a job that must run
+# while its output is there gets one more input, a stale marker that the local rule `stale` makes
+# (Snakemake then runs the job and deletes its old output first; a dry run lists the marker job
+# and changes nothing), and current outputs are stamped no older than their inputs (as
+# `snakemake --touch` does: Snakemake compares file times whatever its rerun triggers say).
 PRODUCER = {out: job for job in JOBS.values() for out in job.outs}
 SIG = wf_state.settings_digests(P, list(JOBS.values()))
+STALE_DIR = f"{RUNS}/.stale"
+STATES, STALE = {}, {}
 if PLANNING:
     STATES = wf_state.job_states(P, list(JOBS.values()))
-    for line in wf_state.set_aside_not_current(list(JOBS.values()), STATES):
-        print(f"mpvg: set aside (not current): {line}", file=sys.stderr)
     wf_state.stamp_current(list(JOBS.values()), STATES)
+    STALE = wf_state.stale_markers(list(JOBS.values()), STATES, STALE_DIR)
     must = sum(st.needs_run for st in STATES.values())
     if must:
         print(f"mpvg: {must} of {len(STATES)} jobs must run (the others are current; `mpvg status` lists them):",
               file=sys.stderr)
         for line in wf_state.summary(STATES):
             print(f"  {line}", file=sys.stderr)
+MARKER = {(rule, key): path for path, (rule, key, _) in STALE.items()}
+
+
+def upstream_markers(paths):
+    """The stale markers of the jobs that make ``paths`` and of every job before them. A target
+    (`all`, `table2`, ...) reads them: Snakemake remakes a missing file only when a job that must run
+    reads it, so the target (which always runs) is what makes the marker jobs run, and from them the
+    stale jobs and everything downstream (a stale job's own marker input is what ties it to them)."""
+    seen, todo, out = set(), list(paths), []
+    while todo:
+        job = PRODUCER.get(todo.pop())
+        if job is None or (job.rule, job.key) in seen:
+            continue
+        seen.add((job.rule, job.key))
+        if (job.rule, job.key) in MARKER:
+            out.append(MARKER[(job.rule, job.key)])
+        todo.extend(job.deps)
+    return sorted(out)
 
 
 def job_inputs(job):
     """The job's real inputs: the results of the runs it reads (plain: a rerun upstream reruns it)
     and the datasets and folders it reads (ancient(): data_tiny remakes the same data, whose
-    contents enter each run's signature through the fingerprint)."""
+    contents enter each run's signature through the fingerprint); and the stale markers: its own
+    when it must run while its output is there, every marker before it for a target."""
     plain = set(wf_state.plain_inputs(job, PRODUCER))
-    return [d if d in plain else ancient(d) for d in job.deps]
+    if job.target:
+        marker = upstream_markers(job.deps)
+    else:
+        marker = [MARKER[(job.rule, job.key)]] if (job.rule, job.key) in MARKER else []
+    return [d if d in plain else ancient(d) for d in job.deps] + marker
 
 
 def job_sig(rule):
@@ -189,11 +215,62 @@ def planned(rule, what):
     return get
 
 
+# ------------------------------------------------------------------------------ force verbs retrain
+# `--forceall`, `-R/--forcerun` and `-f/--forcetargets` ask for jobs to run again: Snakemake deletes
+# their result.json, and a run of unchanged settings would put it back from its kept copy (the cheap
+# answer to a result.json deleted by hand). A run Snakemake is forced to run, and every run
+# downstream of it, gets `--retrain` instead (the folder's state goes to previous/<time>/, the run
+# trains from scratch). The forced jobs come from Snakemake's public DAG settings (known when jobs
+# are built, after parsing); the per-job Snakemake of a cluster job always runs with --force, so the
+# main Snakemake hands it the list (MPVG_RETRAIN, set in onstart; SLURM jobs get the environment of
+# the submitting process).
+RETRAIN_ENV = "MPVG_RETRAIN"
+_forced = None
+
+
+def forced_runs():
+    """``{stage name}`` of the plan's runs that Snakemake's force verbs rerun, and their descendants."""
+    global _forced
+    if _forced is not None:
+        return _forced
+    settings = getattr(workflow, "dag_settings", None)
+    if not PLANNING:
+        _forced = set(os.environ.get(RETRAIN_ENV, "").split())
+        return _forced
+    if settings is None:
+        return set()
+    names = {os.path.normpath(str(x)) for x in settings.forcerun}
+    if settings.forcetargets:
+        names |= {os.path.normpath(str(x)) for x in settings.targets}
+    seeds = [j for j in JOBS.values() if settings.forceall or j.rule in names
+             or any(os.path.normpath(o) in names for o in j.outs)]
+    children = {}
+    for job in JOBS.values():
+        for d in job.deps:
+            if d in PRODUCER:
+                children.setdefault(d, []).append(job)
+    out, todo = set(), seeds
+    while todo:
+        job = todo.pop()
+        if job.stage_name in out:
+            continue
+        out.add(job.stage_name)
+        todo.extend(c for o in job.outs for c in children.get(o, []))
+    _forced = {name for name in out if JOBS_BY_STAGE[name].cell}
+    return _forced
+
+
+JOBS_BY_STAGE = {job.stage_name: job for job in JOBS.values()}
+
+
 def command(rule):
-    """The job's shell command, launched on ``resources.gpu`` GPUs (`mpvg launch` when > 1)."""
+    """The job's shell command, launched on ``resources.gpu`` GPUs (`mpvg launch` when > 1), with
+    `--retrain` when a force verb reruns it (above)."""
 
     def get(wildcards, resources):
-        return wf.Opaque(job_of(rule, wildcards).shell(gpus=resources.get("gpu", 0)))
+        job = job_of(rule, wildcards)
+        retrain = " --retrain" if job.stage_name in forced_runs() else ""
+        return wf.Opaque(f"{job.shell(gpus=resources.get('gpu', 0))}{retrain}")
 
     return get
 
@@ -208,23 +285,30 @@ LOCAL_RULES = {"all", "figures", *(job.rule for job in JOBS.values() if job.targ
 
 
 def jobs_without_partition():
-    """Rules of the jobs about to run that have no ``slurm_partition`` resource."""
-    return sorted({job.rule.name for job in workflow.dag.needrun_jobs()
-                   if job.rule.name not in LOCAL_RULES and not job.resources.get("slurm_partition")})
+    """Rules of the plan's cluster jobs (every rule that is not local) without a ``slurm_partition``
+    resource: in the resources the user set (Snakemake's public ``ResourceSettings``: the profile's
+    default-resources, --default-resources, --set-resources), as the SLURM plugin reads them."""
+    settings = workflow.resource_settings
+    default = settings.default_resources or {}
+    return sorted({job.rule for job in JOBS.values() if job.rule not in LOCAL_RULES
+                   and "slurm_partition" not in default
+                   and "slurm_partition" not in settings.overwrite_resources.get(job.rule, {})})
 
 
 def runs_still_going():
-    """Jobs about to run whose run folder another process still writes (e.g. a SLURM job left by a
-    Snakemake that was killed): starting them would fail on the folder's lock."""
+    """The plan's run folders that another process still writes (e.g. a SLURM job left by a
+    Snakemake that was killed): a job there would fail on the folder's lock (one cheap lock test
+    per folder)."""
     from mpvg.run.folder import holder_text, lock_holder
 
     out = []
-    for job in workflow.dag.needrun_jobs():
-        for f in job.output:
-            holder = lock_holder(Path(str(f)).parent)
+    for job in JOBS.values():
+        if job.cell:
+            folder = Path(job.outs[0]).parent
+            holder = lock_holder(folder)
             if holder:
-                out.append(f"{Path(str(f)).parent}: {holder_text(holder)}")
-    return sorted(set(out))
+                out.append(f"{folder}: {holder_text(holder)}")
+    return sorted(out)
 
 
 onstart:
@@ -244,6 +328,10 @@ onstart:
                         "with kill / scancel), then run the same command again:\n      " + "\n      ".join(going))
     if problems:
         raise WorkflowError("cannot start:\n  - " + "\n  - ".join(problems))
+    if forced_runs():  # the per-job Snakemakes of cluster jobs learn from here which runs retrain
+        os.environ[RETRAIN_ENV] = " ".join(sorted(forced_runs()))
+        print("mpvg: the runs that --forceall / -R / --forcerun / --forcetargets rerun, and those downstream, train "
+              "again from scratch (--retrain; their previous state goes to previous/<time>/)", file=sys.stderr)
     shell(f"mpvg tracking {COMMON} init")
 
 

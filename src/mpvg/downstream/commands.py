@@ -76,7 +76,8 @@ def _train(args) -> int:
             init_from=args.init_from,
             init_expected=start_point_expectation(params, spec, args.seed,
                                                   args.init_from or spec.init_checkpoint(args.seed)),
-            resume=not args.no_resume, on_change=args.on_change, quiet=args.quiet, num_workers=args.workers,
+            resume=not args.no_resume, on_change=args.on_change, retrain=args.retrain, quiet=args.quiet,
+            num_workers=args.workers,
             log_interval=max(1, args.log_interval), eval_every=args.eval_every,
             tracking_uri=None if args.no_tracking else uri, experiment=experiment)
         train(spec, args.task, opts)

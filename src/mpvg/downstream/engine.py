@@ -339,7 +339,8 @@ def train(spec, task_name: str, opts: RunOptions) -> dict[str, Any]:
                                 "or pass --pretrained")
     state, init_signature = load_start_point(path, opts.init_expected)
     inputs = cell_inputs(spec, opts.seed, init_signature)
-    with open_run(opts.out_dir, inputs, opts.device, opts.resume, opts.on_change, state) as run:
+    with open_run(opts.out_dir, inputs, opts.device, opts.resume, opts.on_change, state,
+                  retrain=opts.retrain) as run:
         if run.finished is not None:
             return run.finished
         return _train(spec, task_name, opts, run, Path(path))

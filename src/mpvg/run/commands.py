@@ -32,6 +32,9 @@ def add_on_change_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-change", choices=("set-aside", "fail"), default="set-aside",
                    help="when OUT holds a run of other settings (its signature differs): move it to "
                    "OUT/previous/<time>/ and start fresh (set-aside, the default) or stop (fail)")
+    p.add_argument("--retrain", action="store_true",
+                   help="move whatever OUT holds to OUT/previous/<time>/ and train from scratch, also a "
+                   "finished run of these settings (Snakemake's --forceall / -R / --forcerun pass it)")
 
 
 def start_point_expectation(params, spec, seed: int, path) -> dict | None:

@@ -332,10 +332,17 @@ def keep_result(out: Path) -> None:
         shutil.copy2(out / RESULT, kept)
 
 
-def _decide(out: Path, inputs: dict, resume: bool, notes: list[str]) -> tuple[str, list[str], dict | None]:
+def _decide(out: Path, inputs: dict, resume: bool, notes: list[str], retrain: bool = False
+            ) -> tuple[str, list[str], dict | None]:
     """``(decision, reasons, checkpoint)`` for what ``out`` holds (rank 0): decision is ``resume``,
-    ``finished``, ``fresh`` or ``set-aside``; the checkpoint is returned loaded when resuming."""
+    ``finished``, ``fresh`` or ``set-aside``; the checkpoint is returned loaded when resuming.
+    ``retrain``: whatever ``out`` holds is set aside, also a finished run of these settings."""
     from mpvg.run.checkpoint import load_checkpoint
+
+    if retrain:
+        present = [name for name in STATE_FILES if (out / name).exists()]
+        return ("set-aside", ["--retrain was given (e.g. by Snakemake's --forceall / -R / --forcerun)"], None) \
+            if present else ("fresh", [], None)
 
     ckpt_path, result_path = out / CHECKPOINT, out / RESULT
     damaged = [name for name in (RESULT, KEPT) if (out / name).exists() and read_json_object(out / name) is None]
@@ -374,7 +381,8 @@ def _decide(out: Path, inputs: dict, resume: bool, notes: list[str]) -> tuple[st
 
 @contextlib.contextmanager
 def open_run(out: str | os.PathLike, inputs: dict, device: str = "auto", resume: bool = True,
-             on_change: str = "set-aside", init_state: dict | None = None) -> Iterator[RunFolder]:
+             on_change: str = "set-aside", init_state: dict | None = None, retrain: bool = False
+             ) -> Iterator[RunFolder]:
     """Set up the process group, lock ``out``, log, catch stop signals, and look at what ``out``
     holds (see the module doc). Yields the :class:`RunFolder`; tears everything down after."""
     from mpvg.run import distributed
@@ -403,7 +411,7 @@ def open_run(out: str | os.PathLike, inputs: dict, device: str = "auto", resume:
         if dist.is_main:
             notes = [f"removed {p.name}, left by a writer that was killed" for p in remove_stale_temp_files(out)]
             try:
-                decision, reasons, ckpt = _decide(out, inputs, resume, notes)
+                decision, reasons, ckpt = _decide(out, inputs, resume, notes, retrain)
             except FileExistsError as err:
                 decision, reasons = "error", [str(err)]
             if decision == "set-aside" and on_change == "set-aside":
@@ -421,7 +429,7 @@ def open_run(out: str | os.PathLike, inputs: dict, device: str = "auto", resume:
                             job_start=job_start, init_state=init_state, set_aside_to=moved)
             if decision == "set-aside":
                 what = "a run of other settings" if any(r.startswith(("checkpoint: ", "result: ")) for r in reasons) \
-                    else "state it cannot continue"
+                    else "a run it is asked to train again" if retrain else "state it cannot continue"
                 log.warning("%s held %s (%s); moved it to %s and starting fresh", out, what, "; ".join(reasons), moved)
             elif decision == "resume":
                 run.resume = ckpt if ckpt is not None else load_checkpoint(run.checkpoint_path, map_location="cpu")

@@ -30,6 +30,7 @@ class RunOptions:
     init_expected: dict | None = None  # signature inputs that checkpoint must have (its cell's now)
     resume: bool = True
     on_change: str = "set-aside"    # the run folder holds other settings: set-aside | fail
+    retrain: bool = False           # set aside what the run folder holds, also a finished run of these settings
     quiet: bool = False
     # evaluate every N epochs (classification; default 1) or iterations (downstream; None: the
     # recipe's); 0: only at the end

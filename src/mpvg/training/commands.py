@@ -129,7 +129,7 @@ def _train(args) -> int:
             compile=args.compile, fused=args.fused,
             compile_verdict=compile_verdict(measured_speeds(params), spec.cell.model), init_from=args.init_from,
             init_expected=start_point_expectation(params, spec, args.seed, args.init_from),
-            resume=not args.no_resume, on_change=args.on_change, quiet=args.quiet,
+            resume=not args.no_resume, on_change=args.on_change, retrain=args.retrain, quiet=args.quiet,
             eval_every=args.eval_every, num_workers=args.workers, log_interval=max(1, args.log_interval),
             log_checkpoint=args.log_checkpoint, tracking_uri=None if args.no_tracking else uri, experiment=experiment)
         train(spec, opts)

@@ -290,7 +290,8 @@ def train(spec, opts: RunOptions) -> dict[str, Any]:
                          f"{spec.init_checkpoint(opts.seed)} (or another checkpoint)")
     init_state, init_signature = load_start_point(opts.init_from, opts.init_expected)
     inputs = cell_inputs(spec, opts.seed, init_signature)
-    with open_run(opts.out_dir, inputs, opts.device, opts.resume, opts.on_change, init_state) as run:
+    with open_run(opts.out_dir, inputs, opts.device, opts.resume, opts.on_change, init_state,
+                  retrain=opts.retrain) as run:
         if run.finished is not None:
             return run.finished
         return _train(spec, opts, run)

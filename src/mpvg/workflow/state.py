@@ -34,8 +34,6 @@ AGGREGATE_RECORD = {"analyze": "analysis.json", "report": "build.json"}
 # the run layer's second link to result.json: a run whose result.json is gone gets it back from
 # there when its settings are those of the kept result
 KEPT_NAME = KEPT
-# where a plan sets aside an output of analyze / report that is not current (see set_aside_not_current)
-STALE_SUFFIX = ".stale"
 
 
 @dataclass
@@ -118,7 +116,7 @@ def _cell_state(params: Mapping, job, parent_states: list[JobState]) -> JobState
     record = read_json_object(out) if out.exists() else None
     kept = out.parent / KEPT_NAME
     if not out.exists() and kept.exists():
-        # set aside by a plan (set_aside_not_current) or deleted by Snakemake/DVC before a rerun
+        # deleted by Snakemake/DVC before a rerun (or by hand)
         was = read_json_object(kept)
         diffs = differences(was.get("signature_inputs"), inputs) if was is not None else []
         if diffs:
@@ -269,12 +267,12 @@ def run_settings(params: Mapping, jobs: list) -> dict[str, dict]:
 # The rule above, said in Snakemake's own terms (docs/workflow.md, "The rerun rule in Snakemake's
 # terms"): every job has its real inputs; a run's inputs from other runs are plain (a rerun
 # upstream reruns it, also under -R/--forcerun), its dataset is ancient() (data_tiny regenerates
-# the same data; the fingerprint in the signature is the witness of what is in it). Then the plan
-# makes the files agree with the rule before Snakemake looks at them: an output that is not
-# current is set aside (a missing output: Snakemake reruns the job and everything downstream),
-# and a current output is made no older than its inputs (what `snakemake --touch` does), so
-# Snakemake's modification-time comparison, which it makes whatever its rerun triggers say,
-# cannot disagree with the rule.
+# the same data; the fingerprint in the signature is the witness of what is in it). Where
+# Snakemake keeps no record, a job that must run gets one more input: a stale marker that a local
+# job makes (an input that a job must first make: Snakemake runs the job, after deleting its old
+# output itself). Nothing is moved while planning, so a dry run changes no file's contents; a
+# current output is made no older than its inputs (what `snakemake --touch` does), because
+# Snakemake compares modification times whatever its rerun triggers say.
 
 
 def plain_inputs(job, by_out: Mapping[str, object]) -> list[str]:
@@ -302,39 +300,28 @@ def settings_digests(params: Mapping, jobs: list) -> dict[tuple[str, str], str]:
     return out
 
 
-def set_aside_not_current(jobs: list, states: Mapping[tuple, JobState]) -> list[str]:
-    """Make the output of every job that must run (:func:`job_states`) a missing output, without
-    losing it: a run's result.json becomes its kept copy ``.result.kept.json`` (the run then sets its
-    old state aside in ``previous/<time>/``, or puts the result back when its settings are those of
-    the kept result); an unreadable one becomes ``result.unreadable.json``; an output of ``analyze``
-    / ``report`` becomes ``<output>.stale``. Snakemake then reruns exactly these jobs when a target
-    needs them: it remakes a missing output that a job it runs reads, but not an intermediate one
-    whose readers are current. Returns one line per output set aside."""
-    import os
-    import shutil
-
-    moved: list[str] = []
+def stale_markers(jobs: list, states: Mapping[tuple, JobState], folder: str | Path) -> dict[str, tuple]:
+    """``{marker path: (rule, key, why)}``: one marker per job that must run (:func:`job_states`)
+    while all its outputs are there. The Snakefile makes the marker an input of that job and the
+    output of the local rule ``stale`` (``temp()``), so Snakemake plans the job because an input is
+    made by a job that must run, deletes the old output before the job runs (the run folder then sets
+    the old state aside in ``previous/<time>/``), and deletes the marker once the job has run.
+    A job whose output is missing needs none: Snakemake remakes it (every job that reads it must run
+    too, and gets its own marker). Markers live in ``folder`` as ``<rule>@<key>.<n>``, ``n`` the first
+    number no file has: a marker left by a Snakemake that was killed before the job ran is there but
+    must not count as made (Snakemake would then see nothing to do)."""
+    folder = Path(folder)
+    out: dict[str, tuple] = {}
     for job in jobs:
-        if job.target or not states[(job.rule, job.key)].needs_run:
+        st = states.get((job.rule, job.key))
+        if job.target or st is None or not st.needs_run or not all(Path(o).exists() for o in job.outs):
             continue
-        if job.cell:
-            out = Path(job.outs[0])
-            if out.exists():
-                dest = out.parent / (KEPT_NAME if read_json_object(out) is not None else "result.unreadable.json")
-                if dest.exists() and os.path.samefile(out, dest):
-                    out.unlink()  # already kept (the run layer's hard link): rename(2) of two links to one file does nothing
-                else:
-                    os.replace(out, dest)
-                moved.append(f"{out} -> {dest.name}")
-        elif job.rule in AGGREGATE_RECORD:
-            for out in map(Path, job.outs):
-                if out.exists():
-                    dest = out.with_name(out.name + STALE_SUFFIX)
-                    if dest.is_dir():
-                        shutil.rmtree(dest)
-                    os.replace(out, dest)
-                    moved.append(f"{out} -> {dest.name}")
-    return moved
+        n = 0
+        while (folder / f"{st.name}.{n}").exists():
+            n += 1
+        why = f"{st.name}: {st.status if st.status != 'current' else 'must run'} ({'; '.join(st.reasons[:3])})"
+        out[str(folder / f"{st.name}.{n}")] = (job.rule, job.key, why)
+    return out
 
 
 def _mtime(path: Path) -> float:
