@@ -276,6 +276,7 @@ def test_a_run_whose_parent_dies_saves_and_stops(reference, tmp_path):
 
 # ------------------------------------------------------------------------------ several processes
 DDP_PROCESSES = 4
+DDP_EPOCHS = 2  # the stop lands in the first; the second runs after the resume
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +285,7 @@ def ddp_reference(tmp_path_factory, tiny_data):
     terms is the same in either order, so only three or more processes show a resume that sums
     the gradients in another order than the uninterrupted run (DDP's bucket layout)."""
     folder = tmp_path_factory.mktemp("ddp_ref")
-    params = write_params(folder, tiny_data)
+    params = write_params(folder, tiny_data, epochs=DDP_EPOCHS)
     out = folder / "run"
     proc = subprocess.run([sys.executable, "-m", "mpvg", "launch", "--nproc-per-node", str(DDP_PROCESSES), "train",
                            "--params", str(params), "--cell", CELL, "--out", str(out), "--no-tracking", "--device", "cpu"],
@@ -293,7 +294,8 @@ def ddp_reference(tmp_path_factory, tiny_data):
     return params, out
 
 
-@pytest.mark.parametrize("delivery, sig", [("launcher", signal.SIGTERM), ("every process", signal.SIGUSR1)])
+@pytest.mark.parametrize("delivery, sig", [("launcher", signal.SIGTERM),
+                                            pytest.param("every process", signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_four_processes_preempted_save_one_checkpoint_exit_requeue_and_resume_bit_exact(ddp_reference, tmp_path,
                                                                                        delivery, sig):
     from mpvg.run import REQUEUE_EXIT_CODE
@@ -304,7 +306,7 @@ def test_four_processes_preempted_save_one_checkpoint_exit_requeue_and_resume_bi
            str(params), "--cell", CELL, "--out", str(out), "--no-tracking", "--device", "cpu", "--log-interval", "1"]
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    wait_for_step(out, proc)
+    wait_for_step(out, proc, epochs=DDP_EPOCHS)
     if delivery == "launcher":
         proc.send_signal(sig)
     else:  # SLURM's --signal without B: reaches every process of the step

@@ -445,6 +445,7 @@ def test_parallel_jobs_lose_no_run_in_the_local_store(tmp_path):
     assert all(r.info.status == "FINISHED" and len(r.data.metrics) == 1 for r in runs)
 
 
+@pytest.mark.slow  # ~40 s; the local-store variant above stays in the default suite
 def test_parallel_jobs_log_through_a_real_mlflow_server(tmp_path):
     with mlflow_server(tmp_path) as (uri, _):
         _log_in_parallel(uri, tmp_path, 4)
