@@ -14,6 +14,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A shell that starts the suite in the background (`cmd &`, nohup, some CI runners) ignores SIGINT,
+# and an ignored signal stays ignored through exec: every Snakemake the tests start would then
+# ignore Ctrl-C (the interrupted-DAG test ran its DAG to the end and exited 0). A handler is reset
+# to the default on exec, so the tools start as they do from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 BIN = Path(sys.executable).parent
 # What a DAG run needs besides the installed package (src/ is imported from the checkout).
 SLURM_SCRIPT = ROOT / "scripts" / "slurm-cluster.sh"

@@ -344,8 +344,7 @@ def test_a_changed_recipe_reruns_to_the_report(workdir):
 def interrupt_dag(repo: Path, sig: int) -> subprocess.CompletedProcess:
     """Start the small DAG and, once the first run has finished, stop it as a user does: Ctrl-C
     (SIGINT to the terminal's foreground process group: Snakemake and the jobs it started), or
-    `kill -9` of Snakemake alone. (SIGINT to Snakemake's pid alone was once swallowed under load:
-    Snakemake 9.27.1 finished the DAG and exited 0.)"""
+    `kill -9` of Snakemake alone."""
     import signal
 
     from conftest import tool_env
