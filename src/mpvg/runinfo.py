@@ -52,12 +52,16 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
+#: set by `mpvg launch` for each worker: its share of the job's CPUs
+CPUS_PER_PROCESS_ENV = "MPVG_CPUS_PER_PROCESS"
+
+
 def cpus_per_process() -> int:
     """CPU cores this process may use: its share of the job's under `mpvg launch`
     (``MPVG_CPUS_PER_PROCESS``: one SLURM task or machine split over N workers), else SLURM's
     allocation of its task, else the affinity mask."""
-    if os.environ.get("MPVG_CPUS_PER_PROCESS", "").isdigit():
-        return int(os.environ["MPVG_CPUS_PER_PROCESS"])
+    if os.environ.get(CPUS_PER_PROCESS_ENV, "").isdigit():
+        return int(os.environ[CPUS_PER_PROCESS_ENV])
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         return int(os.environ["SLURM_CPUS_PER_TASK"])
     try:

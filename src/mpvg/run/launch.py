@@ -37,6 +37,7 @@ import time
 from typing import Sequence
 
 from mpvg.run import REQUEUE_EXIT_CODE
+from mpvg.runinfo import CPUS_PER_PROCESS_ENV
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 POLL_S = 0.2
@@ -46,7 +47,6 @@ GPU_COUNT_ENV = "MPVG_GPUS"
 LOCK_DIR_ENV = "MPVG_GPU_LOCK_DIR"
 DEFAULT_LOCK_DIR = "/tmp/mpvg-gpu-locks"
 WAIT_REPORT_S = 60.0
-CPUS_PER_PROCESS_ENV = "MPVG_CPUS_PER_PROCESS"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                     "NUMEXPR_NUM_THREADS")
 

@@ -379,7 +379,6 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
 
     def checkpoint(epoch: int, step: int, epoch_progress: dict | None = None) -> None:
         """Everything needed to continue exactly (rank 0 writes; all ranks give their RNG)."""
-        distributed.sync_buffers(model)
         states = all_rng_states(dist)
         run.save({
             "model": unwrap(model).state_dict(), "model_ema": ema.module.state_dict() if ema else None,
@@ -401,6 +400,8 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
             sums = train_one_epoch(t, loader, sampler, prepare, epoch, start_step, total_epochs, run, opts, progress,
                                    f"cell {cell.id} seed {seed}")
             progress, stopped_at = {}, sums.pop("stopped_at")
+            # rank 0's buffers everywhere before anything is evaluated (sharded) or saved (rank 0's state)
+            distributed.sync_buffers(model)
             if stopped_at is not None and stopped_at < steps_per_epoch:
                 checkpoint(epoch, stopped_at, sums)
                 raise Preempted(f"stopped by {stop.name}: checkpoint at epoch {epoch + 1}, step {stopped_at} of "
@@ -409,7 +410,6 @@ def _train(spec, opts: RunOptions, run: RunFolder) -> dict[str, Any]:
             last_epoch = epoch + 1 == total_epochs
             val = None
             if last_epoch or (eval_every and (epoch + 1) % eval_every == 0):
-                distributed.sync_buffers(model)  # the shards are evaluated with the model rank 0 saves
                 val = evaluate(model, val_loader, device, amp_dtype)  # unwrapped: no DDP collectives
             row = {"epoch": epoch + 1, "train_loss": sums["loss_sum"] / max(sums["loss_n"], 1),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": sums["time_s"],
