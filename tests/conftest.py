@@ -122,25 +122,55 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def cluster_up(install: bool):
+    """scripts/slurm-cluster.sh up for the session (``install``: apt-get it if missing, else only
+    where SLURM is installed); stopped at the end unless it was already running. Yields
+    `up`'s CompletedProcess, or None when nothing was tried."""
+    if os.geteuid() != 0 or not (install or shutil.which("slurmctld")):
+        yield None
+        return
+    status = subprocess.run([str(SLURM_SCRIPT), "status"], capture_output=True, text=True)
+    was_up = "slurmctld running" in status.stdout and "slurmd-n1 running" in status.stdout
+    up = subprocess.run([str(SLURM_SCRIPT), "up"], capture_output=True, text=True, timeout=900)
+    try:
+        yield up
+    finally:
+        if not was_up:
+            subprocess.run([str(SLURM_SCRIPT), "down"], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def slurm_answers(request):
+    """Where SLURM is installed, its controller is up while the tools run: the SLURM executor
+    plugin (2.8) runs `scontrol show config` when Snakemake imports it, at every start, and with
+    SLURM installed but its controller down that call waits 9 s (its connect retries) before
+    failing. On a machine without SLURM nothing is started (`scontrol` is not found: no wait).
+    Starting and stopping the cluster costs about 25 s, so a session of a few tool tests
+    (fewer than TOOL_TESTS_WORTH_A_CLUSTER) leaves it as it is."""
+    tool_tests = sum("workdir" in item.fixturenames for item in request.session.items)
+    with cluster_up(install=False) if tool_tests >= TOOL_TESTS_WORTH_A_CLUSTER else contextlib.nullcontext():
+        yield
+
+
+TOOL_TESTS_WORTH_A_CLUSTER = 8
+
+
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
+def workdir(tmp_path: Path, slurm_answers) -> Path:
     """A copy of the workflow files in a fresh git repository (DVC wants one)."""
     return copy_workflow(tmp_path / "repo")
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """Start the test cluster (scripts/slurm-cluster.sh: two nodes of 4 stand-in GPUs) once per session (installing it with apt-get if needed); stop it afterwards
-    unless it was already running."""
+    """Start the test cluster (scripts/slurm-cluster.sh: two nodes of 4 stand-in GPUs) once per
+    session (installing it with apt-get if needed); stop it afterwards unless it was already running."""
     if os.geteuid() != 0:
-        pytest.skip("the one-node SLURM cluster needs root (CI runs as root)")
-    status = subprocess.run([str(SLURM_SCRIPT), "status"], capture_output=True, text=True)
-    was_up = "slurmctld running" in status.stdout and "slurmd-n1 running" in status.stdout
-    up = subprocess.run([str(SLURM_SCRIPT), "up"], capture_output=True, text=True, timeout=900)
-    assert up.returncode == 0, up.stdout + up.stderr
-    yield
-    if not was_up:
-        subprocess.run([str(SLURM_SCRIPT), "down"], capture_output=True, text=True, timeout=300)
+        pytest.skip("the SLURM test cluster needs root (CI runs as root)")
+    with cluster_up(install=True) as up:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield
 
 
 @pytest.fixture
