@@ -98,6 +98,28 @@ def test_plan_has_every_cell_once_per_seed_with_edges_and_resources():
     assert {j.resources["gpu"] for j in tiny_jobs} == {0}
 
 
+def test_upstream_and_downstream_walk_the_plan_edges():
+    """The two graph walks the Snakefile uses (stale markers of a target; runs a force verb
+    retrains), on the tiny plan: exact job sets."""
+    jobs = wf.build_plan(load_params(PARAMS))
+    by_stage = {j.stage_name: j for j in jobs}
+    t2t = by_stage["train@in1k-t2t_vit_7-mpvg-seed0"]
+    # before CIFAR-100 T2T-ViT-7 MPVG: its ImageNet run and the generated data, each once
+    up = wf.upstream(jobs, by_stage["finetune@c100-t2t_vit_7-mpvg-seed0"].outs)
+    assert [j.stage_name for j in up] == ["finetune@c100-t2t_vit_7-mpvg-seed0", t2t.stage_name, "data_tiny"]
+    assert wf.upstream(jobs, ["no/such/file"]) == []
+    # after the ImageNet run: its fine-tune, the figures, the report and the targets that read them
+    down = {j.stage_name for j in wf.downstream(jobs, [t2t])}
+    assert down == {t2t.stage_name, "finetune@c100-t2t_vit_7-mpvg-seed0", "analyze", "report",
+                    *(j.stage_name for j in jobs if j.target and (set(j.deps) & {*t2t.outs, *by_stage["report"].outs,
+                      *by_stage["finetune@c100-t2t_vit_7-mpvg-seed0"].outs, *by_stage["analyze"].outs}))}
+    # everything downstream of the data is the whole plan
+    assert len(wf.downstream(jobs, [by_stage["data_tiny"]])) == len(jobs)
+    # the whole plan upstream of the report and figures: every job but the targets
+    assert {j.stage_name for j in wf.upstream(jobs, wf.targets(load_params(PARAMS)))} == \
+        {j.stage_name for j in jobs if not j.target}
+
+
 def test_cost_table_sums_the_recipes():
     from mpvg.workflow.cost import cost_rows, cost_table
 

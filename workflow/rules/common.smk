@@ -86,16 +86,8 @@ def upstream_markers(paths):
     (`all`, `table2`, ...) reads them: Snakemake remakes a missing file only when a job that must run
     reads it, so the target (which always runs) is what makes the marker jobs run, and from them the
     stale jobs and everything downstream (a stale job's own marker input is what ties it to them)."""
-    seen, todo, out = set(), list(paths), []
-    while todo:
-        job = PRODUCER.get(todo.pop())
-        if job is None or (job.rule, job.key) in seen:
-            continue
-        seen.add((job.rule, job.key))
-        if (job.rule, job.key) in MARKER:
-            out.append(MARKER[(job.rule, job.key)])
-        todo.extend(job.deps)
-    return sorted(out)
+    return sorted(MARKER[(j.rule, j.key)] for j in wf.upstream(list(JOBS.values()), paths)
+                  if (j.rule, j.key) in MARKER)
 
 
 def job_inputs(job):
@@ -244,23 +236,8 @@ def forced_runs():
         names |= {os.path.normpath(str(x)) for x in settings.targets}
     seeds = [j for j in JOBS.values() if settings.forceall or j.rule in names
              or any(os.path.normpath(o) in names for o in j.outs)]
-    children = {}
-    for job in JOBS.values():
-        for d in job.deps:
-            if d in PRODUCER:
-                children.setdefault(d, []).append(job)
-    out, todo = set(), seeds
-    while todo:
-        job = todo.pop()
-        if job.stage_name in out:
-            continue
-        out.add(job.stage_name)
-        todo.extend(c for o in job.outs for c in children.get(o, []))
-    _forced = {name for name in out if JOBS_BY_STAGE[name].cell}
+    _forced = {job.stage_name for job in wf.downstream(list(JOBS.values()), seeds) if job.cell}
     return _forced
-
-
-JOBS_BY_STAGE = {job.stage_name: job for job in JOBS.values()}
 
 
 def command(rule):

@@ -504,6 +504,37 @@ def build_plan(params: Mapping, params_file: str = "params.yaml", overrides: tup
     return jobs
 
 
+def upstream(jobs: list[Job], paths) -> list[Job]:
+    """The jobs that make ``paths`` and every job before them, each once, in the order met."""
+    producer = {out: job for job in jobs for out in job.outs}
+    seen, todo, out = set(), list(paths), []
+    while todo:
+        job = producer.get(todo.pop())
+        if job is None or job.stage_name in seen:
+            continue
+        seen.add(job.stage_name)
+        out.append(job)
+        todo.extend(job.deps)
+    return out
+
+
+def downstream(jobs: list[Job], seeds) -> list[Job]:
+    """``seeds`` (jobs) and every job that reads what one of them makes, transitively, each once."""
+    readers: dict[str, list[Job]] = {}
+    for job in jobs:
+        for dep in job.deps:
+            readers.setdefault(dep, []).append(job)
+    seen, todo, out = set(), list(seeds), []
+    while todo:
+        job = todo.pop()
+        if job.stage_name in seen:
+            continue
+        seen.add(job.stage_name)
+        out.append(job)
+        todo.extend(r for o in job.outs for r in readers.get(o, ()))
+    return out
+
+
 def targets(params: Mapping) -> list[str]:
     """What `snakemake` builds by default: the report (and so everything before it)."""
     return [f"{params['paths']['reports']}/{name}" for name in REPORT_FILES]
