@@ -157,6 +157,27 @@ def commit_dvc_state(repo: Path) -> None:
     git_commit_all(repo)
 
 
+@pytest.fixture(scope="module")
+def committed_dag(tmp_path_factory, tiny_data_dir, slurm_answers) -> Path:
+    """A finished tiny DAG (:func:`fabricate_finished`) with its DVC state committed, made once per
+    module: `dvc commit` of the whole DAG is ~10 s, and the moves that compare with DVC each start
+    from a copy of it (:func:`finished_and_committed`)."""
+    from conftest import copy_workflow
+
+    repo = copy_workflow(tmp_path_factory.mktemp("committed") / "repo")
+    shutil.copytree(tiny_data_dir, repo / "data" / "tiny")
+    fabricate_finished(repo)
+    commit_dvc_state(repo)
+    return repo
+
+
+def finished_and_committed(workdir: Path, committed: Path) -> None:
+    """``workdir`` becomes a copy of :func:`committed_dag` (files, git and DVC state; new inodes,
+    so DVC hashes the files again, as after a clone)."""
+    shutil.rmtree(workdir)
+    shutil.copytree(committed, workdir, symlinks=True)
+
+
 def edit_params(repo: Path, edit) -> None:
     """Change params.yaml as a researcher would (and regenerate dvc.yaml when the grid changes)."""
     data = yaml.safe_load((repo / "params.yaml").read_text())
@@ -202,18 +223,16 @@ T2T = ["default", "lape", "pvg", "mpvg"]
     (lambda p: p["models"]["Swin-Ti"]["method_pe_overrides"]["PVG"].__setitem__("include_layer0", False),
      {"train": 1, "analyze": 1, "report": 1}),
 ])
-def test_a_changed_setting_reruns_exactly_its_runs_and_everything_downstream(workdir, move, expected):
-    fabricate_finished(workdir)
-    commit_dvc_state(workdir)
+def test_a_changed_setting_reruns_exactly_its_runs_and_everything_downstream(workdir, committed_dag, move, expected):
+    finished_and_committed(workdir, committed_dag)
     edit_params(workdir, move)
     smk = planned(workdir)
     assert counts(smk) == expected
     assert smk == dvc_plan(workdir)  # the same rerun rule in DVC
 
 
-def test_a_deleted_result_reruns_that_run_and_what_starts_from_it(workdir):
-    fabricate_finished(workdir)
-    commit_dvc_state(workdir)
+def test_a_deleted_result_reruns_that_run_and_what_starts_from_it(workdir, committed_dag):
+    finished_and_committed(workdir, committed_dag)
     gone = workdir / "runs/train/in1k-deit_ti-mpvg/seed0/result.json"
     gone.unlink()
     smk = planned(workdir)
@@ -287,9 +306,8 @@ def test_dvc_exp_run_applies_the_override_reruns_the_stage_and_keeps_params_byte
 TABLES_VIEW = ["--drop", ".*", "--keep", "^(Experiment|reports/metrics/.*|(in1k|c100|coco|ade20k)-.*)$"]
 
 
-def test_seeds_changed_under_dvc_stop_with_what_to_run(workdir):
-    fabricate_finished(workdir)
-    commit_dvc_state(workdir)
+def test_seeds_changed_under_dvc_stop_with_what_to_run(workdir, committed_dag):
+    finished_and_committed(workdir, committed_dag)
     edit_params(workdir, lambda p: p.__setitem__("seeds", [0, 1]))
     res = run(["dvc", "repro", "--single-item", "signatures"], workdir, timeout=300)
     assert res.returncode != 0

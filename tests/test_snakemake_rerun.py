@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run
-from test_dag_moves import (commit_dvc_state, counts, edit_params, fabricate_finished, planned,  # noqa: F401
-                            tiny_data_dir, tiny_datasets)
+from test_dag_moves import (committed_dag, counts, edit_params, fabricate_finished,  # noqa: F401
+                            finished_and_committed, planned, tiny_data_dir, tiny_datasets)
 
 pytestmark = pytest.mark.usefixtures("tiny_datasets")
 
@@ -31,9 +31,8 @@ def tree(repo: Path) -> dict[str, tuple]:
 
 
 @pytest.mark.slow  # about a minute and a half on 2 busy cores: a DVC commit of the DAG and four dry runs
-def test_a_dry_run_after_a_change_changes_no_file_and_dvc_repro_dry_works_after_it(workdir):
-    fabricate_finished(workdir)
-    commit_dvc_state(workdir)
+def test_a_dry_run_after_a_change_changes_no_file_and_dvc_repro_dry_works_after_it(workdir, committed_dag):
+    finished_and_committed(workdir, committed_dag)
     edit_params(workdir, lambda p: p["tiny"]["recipes"]["t2t"].__setitem__("epochs", 4))
     before = tree(workdir)
     first = planned(workdir)
