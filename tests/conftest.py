@@ -140,6 +140,9 @@ def cluster_up(install: bool):
             subprocess.run([str(SLURM_SCRIPT), "down"], capture_output=True, text=True, timeout=300)
 
 
+TOOL_TESTS_WORTH_A_CLUSTER = 8  # tests that run the tools (`workdir`)
+
+
 @pytest.fixture(scope="session")
 def slurm_answers(request):
     """Where SLURM is installed, its controller is up while the tools run: the SLURM executor
@@ -151,9 +154,6 @@ def slurm_answers(request):
     tool_tests = sum("workdir" in item.fixturenames for item in request.session.items)
     with cluster_up(install=False) if tool_tests >= TOOL_TESTS_WORTH_A_CLUSTER else contextlib.nullcontext():
         yield
-
-
-TOOL_TESTS_WORTH_A_CLUSTER = 8
 
 
 @pytest.fixture

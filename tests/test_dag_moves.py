@@ -158,7 +158,7 @@ def commit_dvc_state(repo: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def committed_dag(tmp_path_factory, tiny_data_dir, slurm_answers) -> Path:
+def committed_dag(tmp_path_factory, tiny_data_dir) -> Path:
     """A finished tiny DAG (:func:`fabricate_finished`) with its DVC state committed, made once per
     module: `dvc commit` of the whole DAG is ~10 s, and the moves that compare with DVC each start
     from a copy of it (:func:`finished_and_committed`)."""
