@@ -451,7 +451,6 @@ class MPVGVisionTransformer(contract.TokenModel, nn.Module):
         """
         contract.check_output_fmt(output_fmt)
         take, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
         x, pos, grid = self._embed(x)
         terms, last = self.pe(pos)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
