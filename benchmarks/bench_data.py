@@ -25,6 +25,7 @@ images/s), plus the training process itself (``plan.LOADER_IMAGES_PER_S_PER_CORE
 
     .venv/bin/python benchmarks/bench_data.py --vs-timm --images 192 --rounds 5
     .venv/bin/python benchmarks/bench_data.py --workers 8 --images 2048     # wall images/s, 8 workers
+    .venv/bin/python benchmarks/bench_data.py --stage-report                # CPU ms of each transform stage
 """
 from __future__ import annotations
 
@@ -226,6 +227,53 @@ def draft_report(root: Path, recipe: dict, seeds: int = 4) -> dict:
             "ms_draft_decode": round(t_draft / n * 1e3, 3)}
 
 
+def stage_report(root: Path, recipe: dict, seed: int = 0) -> dict:
+    """CPU ms per image of each stage of the train transform, timm's ops on the same images:
+    the JPEG decode, RandomResizedCrop's crop + resize, the flip, every RandAugment op applied
+    (probability forced to 1) to the 224 crops, and the uint8 array; ``randaugment_expected_ms``
+    is what RandAugment costs per image on average (``num_layers`` uniform draws, each applied
+    with its probability). Where the time of a loader goes, so what a faster one must avoid."""
+    import copy
+    import random
+
+    from timm.data.auto_augment import RandAugment
+
+    from mpvg.data.classification import build_transform, decode_image
+
+    random.seed(seed)
+    np.random.seed(seed)
+    transform = build_transform(recipe, is_train=True)
+    rrc, flip = transform.transforms[0].rrc, transform.transforms[1]
+    ra = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    to_uint8 = transform.transforms[-1]
+    files = sorted(str(f) for f in (root / "train").rglob("*.JPEG"))
+    ms: dict[str, list[float]] = {}
+
+    def timed(name, fn, *a):
+        c0 = time.process_time()
+        out = fn(*a)
+        ms.setdefault(name, []).append((time.process_time() - c0) * 1e3)
+        return out
+
+    crops = []
+    for path in files:
+        img = timed("decode", decode_image, path)
+        img = timed("random_resized_crop", rrc, img)
+        crops.append(timed("flip", flip, img))
+        timed("uint8_array", to_uint8, crops[-1])
+    ops = {}
+    for op in ra.ops:
+        always = copy.copy(op)
+        always.prob = 1.0
+        for img in crops:
+            timed(f"op:{op.name}", always, img)
+        ops[op.name] = (op.prob, statistics.mean(ms[f"op:{op.name}"]))
+    per = {k: round(statistics.mean(v), 3) for k, v in ms.items()}
+    per["randaugment_expected_ms"] = round(ra.num_layers * statistics.mean(p * t for p, t in ops.values()), 3)
+    per["images"] = len(files)
+    return per
+
+
 def image_size(path: str) -> tuple[int, int]:
     from PIL import Image
 
@@ -247,6 +295,8 @@ def main(argv=None) -> int:
                     help="timm with use_prefetcher=False (normalise/erase per sample, like DeiT's main.py)")
     ap.add_argument("--draft-report", action="store_true",
                     help="only compare reduced-size JPEG decoding with timm's full decode (same crops)")
+    ap.add_argument("--stage-report", action="store_true",
+                    help="only time each stage of the train transform (decode, crop+resize, each RandAugment op)")
     ap.add_argument("--root", default=None, help="reuse/keep the JPEG folder here (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args = ap.parse_args(argv)
@@ -267,6 +317,10 @@ def main(argv=None) -> int:
         if args.draft_report:
             print(json.dumps({"src_size": f"{size[0]}x{size[1]}", "jpeg_kb": round(kb, 1),
                               **draft_report(root, recipe)}))
+            return 0
+        if args.stage_report:
+            print(json.dumps({"src_size": f"{size[0]}x{size[1]}", "jpeg_kb": round(kb, 1),
+                              **stage_report(root, recipe)}, indent=1))
             return 0
         if args.workers > 0:
             res = {"ours": time_pass(ours_loader(root, recipe, args.batch_size, args.workers))}
