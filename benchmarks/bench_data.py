@@ -206,7 +206,7 @@ def draft_report(root: Path, recipe: dict, seeds: int = 4) -> dict:
     rrc = RandomResizedCropAndInterpolation(recipe["img_size"], scale=tuple(recipe["scale"]),
                                             interpolation=recipe["train_interpolation"])
     draft = DraftRandomResizedCrop(rrc)
-    files = sorted(str(f) for f in (root / "train").rglob("*.JPEG"))
+    files = train_jpegs(root)
     diffs, reduced, t_full, t_draft = [], 0, 0.0, 0.0
     for seed in range(seeds):
         for i, path in enumerate(files):
@@ -246,7 +246,7 @@ def stage_report(root: Path, recipe: dict, seed: int = 0) -> dict:
     rrc, flip = transform.transforms[0].rrc, transform.transforms[1]
     ra = next(t for t in transform.transforms if isinstance(t, RandAugment))
     to_uint8 = transform.transforms[-1]
-    files = sorted(str(f) for f in (root / "train").rglob("*.JPEG"))
+    files = train_jpegs(root)
     ms: dict[str, list[float]] = {}
 
     def timed(name, fn, *a):
@@ -261,17 +261,22 @@ def stage_report(root: Path, recipe: dict, seed: int = 0) -> dict:
         img = timed("random_resized_crop", rrc, img)
         crops.append(timed("flip", flip, img))
         timed("uint8_array", to_uint8, crops[-1])
-    ops = {}
     for op in ra.ops:
         always = copy.copy(op)
         always.prob = 1.0
         for img in crops:
             timed(f"op:{op.name}", always, img)
-        ops[op.name] = (op.prob, statistics.mean(ms[f"op:{op.name}"]))
-    per = {k: round(statistics.mean(v), 3) for k, v in ms.items()}
-    per["randaugment_expected_ms"] = round(ra.num_layers * statistics.mean(p * t for p, t in ops.values()), 3)
+    mean = {k: statistics.mean(v) for k, v in ms.items()}
+    per = {k: round(v, 3) for k, v in mean.items()}
+    per["randaugment_expected_ms"] = round(
+        ra.num_layers * statistics.mean(op.prob * mean[f"op:{op.name}"] for op in ra.ops), 3)
     per["images"] = len(files)
     return per
+
+
+def train_jpegs(root: Path) -> list[str]:
+    """The generated training JPEGs under ``root`` (:func:`write_jpegs`), sorted."""
+    return sorted(str(f) for f in (root / "train").rglob("*.JPEG"))
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -310,8 +315,8 @@ def main(argv=None) -> int:
     root = Path(args.root or tmp.name)
     if not (root / "train").is_dir():
         write_jpegs(root, args.images, size)
-    files = list((root / "train").rglob("*.JPEG"))
-    kb = sum(f.stat().st_size for f in files) / max(len(files), 1) / 1024
+    files = train_jpegs(root)
+    kb = sum(Path(f).stat().st_size for f in files) / max(len(files), 1) / 1024
     recipe = deit_recipe()
     try:
         if args.draft_report:
